@@ -1,0 +1,76 @@
+import pytest
+
+from producer.errors import ConfigurationError
+from worker.bootstep import model_name, refuse_prefork
+from worker.cli import celery_worker_argv
+from worker.gpu import pin_gpu
+from worker.settings import WorkerSettings
+
+
+def test_defaults_need_only_a_model():
+    s = WorkerSettings.from_env({"VLMQ_MODEL": "meta-llama/Llama-3.2-11B-Vision-Instruct"})
+    assert (s.precision, s.attn_implementation, s.device) == ("bf16", "sdpa", "cuda")
+    assert s.max_batch_size == 16 and s.prefetch_count == 32
+    assert s.max_wait_s == 0.05
+
+
+def test_values_are_parsed():
+    s = WorkerSettings.from_env(
+        {
+            "VLMQ_MODEL": "/models/cot",
+            "VLMQ_PRECISION": "NF4",
+            "VLMQ_MAX_BATCH_SIZE": "8",
+            "VLMQ_MAX_WAIT_MS": "0",
+            "VLMQ_WARMUP": "0",
+        }
+    )
+    assert (s.precision, s.max_batch_size, s.max_wait_ms, s.warmup) == ("nf4", 8, 0, False)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({}, "VLMQ_MODEL is not set"),
+        ({"VLMQ_PRECISION": "fp8"}, "VLMQ_PRECISION"),
+        ({"VLMQ_ATTN": "flash"}, "VLMQ_ATTN"),
+        ({"VLMQ_DEVICE": "tpu"}, "VLMQ_DEVICE"),
+        ({"VLMQ_MAX_BATCH_SIZE": "lots"}, "not an integer"),
+        ({"VLMQ_MAX_BATCH_SIZE": "0"}, "out of range"),
+        ({"VLMQ_MAX_WAIT_MS": "-5"}, "out of range"),
+        ({"VLMQ_WARMUP": "maybe"}, "VLMQ_WARMUP"),
+        ({"VLMQ_PRECISION": "int8", "VLMQ_DEVICE": "cpu"}, "bitsandbytes"),
+    ],
+)
+def test_bad_settings_say_how_to_fix_them(env, needle):
+    env = {"VLMQ_MODEL": "/m", **env} if "VLMQ_MODEL" not in env and env else env
+    with pytest.raises(ConfigurationError, match=needle):
+        WorkerSettings.from_env(env)
+
+
+def test_prefork_pool_is_refused_with_the_pool_to_use():
+    from celery.concurrency.prefork import TaskPool
+    from celery.concurrency.solo import TaskPool as SoloPool
+
+    with pytest.raises(ConfigurationError, match="--pool=solo"):
+        refuse_prefork(TaskPool)
+    refuse_prefork(SoloPool)
+
+
+def test_pin_gpu_sets_visible_devices():
+    env = {"VLMQ_GPU": "3"}
+    assert pin_gpu(env) == "3"
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert pin_gpu({}) is None
+
+
+def test_worker_command_line():
+    argv = celery_worker_argv(1, "info", ["--without-mingle"])
+    assert argv[1:6] == ["-m", "celery", "-A", "worker.app", "worker"]
+    assert "--pool=solo" in argv and "vlmq-gpu1@%h" in argv and argv[-1] == "--without-mingle"
+
+
+def test_model_name_is_short():
+    assert model_name("/srv/models/Llama-3.2V-11B-cot") == "Llama-3.2V-11B-cot"
+    assert model_name("meta-llama/Llama-3.2-11B-Vision-Instruct") == (
+        "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    )

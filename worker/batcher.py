@@ -1,0 +1,195 @@
+"""The prefetching batch consumer: buffers Celery requests and feeds the model thread.
+
+Thread rules (see celery's worker internals): the event-loop thread owns the broker
+connection, worker state and the event dispatcher; the model thread owns the GPU.
+Everything that touches the former is handed to the loop through :class:`LoopHandoff`.
+Result storage runs on the model thread (the result backend is thread-local).
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import states
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
+from celery.worker.state import task_accepted, task_ready
+
+from worker.executor import BatchExecutor, Outcome
+from worker.handoff import LoopHandoff
+from worker.policy import decide_batch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished task whose outcome is stored (or was stored by an earlier delivery)."""
+
+    request: Request
+    outcome: Outcome | None  # None: a redelivery of a task that already has a result
+    runtime_s: float
+    batch_size: int
+
+
+class Batcher:
+    """Buffers requests, cuts batches by the policy, runs them, stores, then acks."""
+
+    def __init__(
+        self,
+        executor: BatchExecutor,
+        handoff: LoopHandoff,
+        app: Any,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._executor = executor
+        self._handoff = handoff
+        self._app = app  # app.backend is thread-local: read it on the model thread
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._clock = clock
+        self._pending: deque[tuple[float, Request]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._completed: deque[Completion] = deque()
+        self._thread: threading.Thread | None = None
+
+    # -- event-loop thread ---------------------------------------------------
+    def add(self, request: Request) -> None:
+        with self._cond:
+            self._pending.append((self._clock(), request))
+            self._cond.notify()
+
+    def drop_pending(self) -> None:
+        """Forget buffered requests whose messages the broker has taken back."""
+        with self._cond:
+            if self._pending:
+                logger.info("Dropping %d buffered requests after reconnect", len(self._pending))
+            self._pending.clear()
+
+    def _begin(self, batch: list[Request]) -> list[Request]:
+        live = []
+        for req in batch:
+            if req.revoked():  # a revoke or `expires` that came while it was buffered
+                continue
+            task_accepted(req)
+            req.send_event("task-started")
+            live.append(req)
+        return live
+
+    def drain(self) -> None:
+        """Announce and acknowledge every completion; results are already stored."""
+        while self._completed:
+            c = self._completed.popleft()
+            req, outcome = c.request, c.outcome
+            if outcome is None:
+                task_ready(req)
+            elif outcome.error is None:
+                task_ready(req, successful=True)
+                result = outcome.result or {}
+                req.send_event(
+                    "task-succeeded",
+                    result=saferepr(result, maxlen=1024),
+                    runtime=c.runtime_s,
+                    batch_size=c.batch_size,
+                    prompt_tokens=result.get("prompt_tokens"),
+                    answer_tokens=result.get("answer_tokens"),
+                )
+            else:
+                task_ready(req)
+                req.send_event(
+                    "task-failed",
+                    exception=saferepr(outcome.error),
+                    traceback=outcome.traceback,
+                    runtime=c.runtime_s,
+                    batch_size=c.batch_size,
+                )
+            req.acknowledge()
+
+    # -- model thread --------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vlmq-model", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Finish the batch in flight, then stop; buffered requests stay unacked."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.drain()
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._process(batch)
+            except Exception:
+                # Never let the model thread die: requests not completed stay unacked
+                # and come back from the broker.
+                logger.exception("Batch of %d failed outside the model", len(batch))
+
+    def _next_batch(self) -> list[Request] | None:
+        with self._cond:
+            while not self._stopping:
+                oldest = self._pending[0][0] if self._pending else None
+                decision = decide_batch(
+                    len(self._pending),
+                    oldest,
+                    self._clock(),
+                    max_batch_size=self._max_batch_size,
+                    max_wait_s=self._max_wait_s,
+                )
+                if decision.take:
+                    return [self._pending.popleft()[1] for _ in range(decision.take)]
+                self._cond.wait(decision.wait_s)
+            return None
+
+    def _process(self, batch: list[Request]) -> None:
+        ok, live = self._handoff.call_and_wait(self._begin, batch, give_up=lambda: self._stopping)
+        if not ok or not live:
+            return
+        started = time.monotonic()
+        done_before = self._already_stored(live)
+        to_run = [req for req in live if req.id not in done_before]
+        for req in live:
+            if req.id in done_before:
+                logger.info("Task %s already has a result; acking its redelivery", req.id)
+                self._completed.append(Completion(req, None, 0.0, 0))
+        outcomes = self._executor.run([(req.id, req.kwargs) for req in to_run]) if to_run else []
+        runtime = time.monotonic() - started
+        for req, outcome in zip(to_run, outcomes, strict=True):
+            try:
+                self._store(req, outcome)
+            except Exception:
+                logger.exception("Could not store the result of %s; returning it to the queue", req.id)
+                self._handoff.call(req.reject, True)
+                continue
+            self._completed.append(Completion(req, outcome, runtime, len(to_run)))
+        self._handoff.call(self.drain)
+
+    def _already_stored(self, requests: list[Request]) -> set[str]:
+        """Ids that already have a final result: a redelivered task is not run again."""
+        backend = self._app.backend
+        keys = [backend.get_key_for_task(req.id) for req in requests]
+        done = set()
+        for req, raw in zip(requests, backend.mget(keys), strict=True):
+            if raw and backend.decode_result(raw).get("status") in states.READY_STATES:
+                done.add(req.id)
+        return done
+
+    def _store(self, req: Request, outcome: Outcome) -> None:
+        backend = self._app.backend
+        if outcome.error is None:
+            backend.mark_as_done(req.id, outcome.result, request=req._context)
+        else:
+            backend.mark_as_failure(
+                req.id, outcome.error, traceback=outcome.traceback, request=req._context
+            )

@@ -1,0 +1,98 @@
+"""The worker bootstep that loads the model once and runs the batcher beside Celery's loop."""
+
+import logging
+import time
+from pathlib import PurePath
+from typing import Any
+
+from celery import bootsteps
+from celery.concurrency.prefork import TaskPool as PreforkPool
+
+from producer.errors import ConfigurationError
+from worker.batcher import Batcher
+from worker.executor import BatchExecutor, ImageSource
+from worker.handoff import LoopHandoff
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def refuse_prefork(pool_cls: Any) -> None:
+    """CUDA does not survive ``fork``: the model must live in the worker's main process."""
+    if isinstance(pool_cls, type) and issubclass(pool_cls, PreforkPool):
+        raise ConfigurationError(
+            "the prefork pool cannot serve a GPU model (CUDA does not survive fork); "
+            "start the worker with --pool=solo (the default for vlmq) or --pool=threads"
+        )
+
+
+def model_name(model: str) -> str:
+    """A short name for results and events: the hub id, or a local directory's name."""
+    path = PurePath(model)
+    return path.name if path.is_absolute() or model.startswith(".") else model
+
+
+class BatchingStep(bootsteps.StartStopStep):
+    """Loads and warms the model before the consumer starts, then runs the batcher.
+
+    The worker blueprint starts this step before ``Consumer`` (which is always last), so
+    no message is taken before the model is ready; on shutdown the consumer stops first
+    and this step lets the batch in flight finish, stores its results and acks them.
+    """
+
+    requires = ("celery.worker.components:Hub", "celery.worker.components:Pool")
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        refuse_prefork(worker.pool_cls)
+        worker.vlmq_batcher = None
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+        settings: WorkerSettings = app.vlmq_worker_settings
+        images: ImageSource = app.vlmq_image_source
+        runner = load_runner(settings)
+        executor = BatchExecutor(runner, images, settings.limits, model_name(settings.model))
+        batcher = Batcher(
+            executor,
+            LoopHandoff(worker.hub),
+            app,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_s,
+        )
+        worker.vlmq_batcher = batcher
+        batcher.start()
+
+    def stop(self, worker: Any) -> None:
+        if worker.vlmq_batcher is not None:
+            worker.vlmq_batcher.stop()
+
+    terminate = stop
+
+
+def load_runner(settings: WorkerSettings):
+    """Load the one resident model and warm it up; fail fast on a bad setting."""
+    import torch
+
+    from worker.model.loading import load_model
+    from worker.model.runner import MllamaRunner
+
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            "VLMQ_DEVICE=cuda but no CUDA device is visible; check VLMQ_GPU / "
+            "CUDA_VISIBLE_DEVICES and the driver, or set VLMQ_DEVICE=cpu (tiny model only)"
+        )
+    t0 = time.perf_counter()
+    model, processor = load_model(
+        settings.model,
+        precision=settings.precision,
+        attn_implementation=settings.attn_implementation,
+        device=settings.device,
+    )
+    runner = MllamaRunner(model, processor)
+    logger.info("Loaded %s (%s) in %.1f s", settings.model, settings.precision, time.perf_counter() - t0)
+    if settings.warmup:
+        t0 = time.perf_counter()
+        runner.warmup()
+        logger.info("Warmed up in %.1f s", time.perf_counter() - t0)
+    return runner

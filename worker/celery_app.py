@@ -1,0 +1,54 @@
+"""Build the worker's Celery app: the producer's shared config plus the batching parts."""
+
+from typing import Any
+
+from celery import Celery, Task
+
+from producer.claimcheck import ImageStore
+from producer.config import Settings, make_celery_app
+from producer.protocol import TASK_NAME
+from worker.bootstep import BatchingStep
+from worker.executor import ImageSource
+from worker.settings import WorkerSettings
+
+
+class AnalyzeTask(Task):
+    """Analyse one image (kwargs: :class:`producer.protocol.AnalysisRequest`).
+
+    The worker batches this task: its messages go to the batcher, never to the pool.
+    """
+
+    name = TASK_NAME
+    Strategy = "worker.strategy:batching_strategy"
+    acks_late = True
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{self.name} runs only inside a vlmq worker's batcher")
+
+
+def create_worker_app(
+    settings: Settings,
+    worker_settings: WorkerSettings,
+    *,
+    image_source: ImageSource | None = None,
+) -> Celery:
+    """The app that ``celery -A worker.app worker`` runs.
+
+    ``image_source`` defaults to the Redis claim-check store at ``settings.redis_url``.
+    """
+    app = make_celery_app(settings, name="vlmq-worker")
+    app.conf.update(
+        worker_pool="solo",
+        worker_concurrency=1,
+        worker_prefetch_multiplier=worker_settings.prefetch_count,
+        worker_hijack_root_logger=True,
+    )
+    if image_source is None:
+        import redis
+
+        image_source = ImageStore(redis.Redis.from_url(settings.redis_url), settings.image_ttl_s)
+    app.vlmq_worker_settings = worker_settings
+    app.vlmq_image_source = image_source
+    app.steps["worker"].add(BatchingStep)
+    app.register_task(AnalyzeTask())
+    return app

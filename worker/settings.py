@@ -1,0 +1,93 @@
+"""Typed worker settings, read once from the environment at start-up."""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from producer.errors import ConfigurationError
+from producer.protocol import Limits
+
+PRECISIONS = ("bf16", "fp16", "fp32", "nf4", "int8")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+DEVICES = ("cuda", "cpu")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not an integer; set e.g. {name}={default}")
+    if not low <= value <= high:
+        raise ConfigurationError(f"{name}={value} is out of range; allowed {low}..{high}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ConfigurationError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the GPU worker serves and how it batches.
+
+    Environment variables (all prefixed ``VLMQ_``): ``MODEL`` (local directory or hub
+    id, required), ``PRECISION`` (bf16, fp16, fp32, nf4, int8), ``ATTN`` (sdpa, eager,
+    flash_attention_2), ``DEVICE`` (cuda, cpu), ``MAX_BATCH_SIZE``, ``MAX_WAIT_MS``,
+    ``WARMUP`` (1/0), plus the request limits of :class:`producer.protocol.Limits`
+    (``MAX_NEW_TOKENS`` is the cap on new tokens).
+    """
+
+    model: str
+    precision: str = "bf16"
+    attn_implementation: str = "sdpa"
+    device: str = "cuda"
+    max_batch_size: int = 16
+    max_wait_ms: int = 50
+    warmup: bool = True
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    @property
+    def prefetch_count(self) -> int:
+        """Messages held unacked: two full batches, so the next one is ready on time."""
+        return 2 * self.max_batch_size
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "WorkerSettings":
+        env = os.environ if environ is None else environ
+        model = env.get("VLMQ_MODEL", "").strip()
+        if not model:
+            raise ConfigurationError(
+                "VLMQ_MODEL is not set: set it to a local model directory or a hub id, e.g. "
+                "VLMQ_MODEL=meta-llama/Llama-3.2-11B-Vision-Instruct "
+                "(or build a tiny test model with `vlmq make-tiny-model DIR`)"
+            )
+        precision = _choice(env, "VLMQ_PRECISION", "bf16", PRECISIONS)
+        device = _choice(env, "VLMQ_DEVICE", "cuda", DEVICES)
+        if precision in ("nf4", "int8") and device != "cuda":
+            raise ConfigurationError(
+                f"VLMQ_PRECISION={precision} needs bitsandbytes on a GPU; "
+                "use VLMQ_DEVICE=cuda or VLMQ_PRECISION=bf16/fp32"
+            )
+        warmup = env.get("VLMQ_WARMUP", "1").strip().lower()
+        if warmup not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigurationError(f"VLMQ_WARMUP={warmup!r}: use 1 or 0")
+        return cls(
+            model=model,
+            precision=precision,
+            attn_implementation=_choice(env, "VLMQ_ATTN", "sdpa", ATTENTION),
+            device=device,
+            max_batch_size=_int(env, "VLMQ_MAX_BATCH_SIZE", 16, low=1, high=1024),
+            max_wait_ms=_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
+            warmup=warmup in ("1", "true", "yes"),
+            limits=Limits.from_env(env),
+        )

@@ -1,0 +1,79 @@
+"""The Celery strategy that buffers batched tasks instead of running them in the pool."""
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery.utils.imports import symbol_by_name
+from celery.worker.request import create_request_cls
+from celery.worker.state import task_reserved
+from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+
+logger = logging.getLogger(__name__)
+
+
+def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
+    """Build the message handler for ``task``: validate, announce, then buffer.
+
+    Runs on the event-loop thread. Kombu re-creates strategies on every broker
+    (re)connect, after restoring unacked messages to the queue, so requests still
+    buffered from the old connection are dropped here: they will be delivered again.
+    """
+    batcher = consumer.controller.vlmq_batcher
+    batcher.drop_pending()
+    hostname = consumer.hostname
+    eventer = consumer.event_dispatcher
+    task_sends_events = eventer is not None and eventer.enabled and task.send_events
+    Request = create_request_cls(
+        symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app
+    )
+    revoked_tasks = consumer.controller.state.revoked
+
+    def task_message_handler(message, body, ack, reject, callbacks, **__):
+        if body is None and "args" not in message.payload:
+            body, headers, decoded, utc = (
+                message.body,
+                message.headers,
+                False,
+                app.uses_utc_timezone(),
+            )
+        elif "args" in message.payload:
+            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
+        else:
+            body, headers, decoded, utc = proto1_to_proto2(message, body)
+        req = Request(
+            message,
+            on_ack=ack,
+            on_reject=reject,
+            app=app,
+            hostname=hostname,
+            eventer=eventer,
+            task=task,
+            connection_errors=consumer.connection_errors,
+            body=body,
+            headers=headers,
+            decoded=decoded,
+            utc=utc,
+        )
+        logger.debug("Received %s[%s]", req.name, req.id)
+        # revoked() also honours `expires`: it stores REVOKED, sends task-revoked, acks.
+        if (req.expires or req.id in revoked_tasks) and req.revoked():
+            return
+        signals.task_received.send(sender=consumer, request=req)
+        if task_sends_events:
+            eventer.send(
+                "task-received",
+                uuid=req.id,
+                name=req.name,
+                args=req.argsrepr,
+                kwargs=req.kwargsrepr,
+                root_id=req.root_id,
+                parent_id=req.parent_id,
+                retries=req.request_dict.get("retries", 0),
+                eta=req.eta and req.eta.isoformat(),
+                expires=req.expires and req.expires.isoformat(),
+            )
+        task_reserved(req)
+        batcher.add(req)
+
+    return task_message_handler
