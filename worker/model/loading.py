@@ -1,0 +1,107 @@
+"""The one way vlmq loads an Mllama model and its processor, real weights and tiny model alike."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from transformers import (
+    AutoProcessor,
+    BitsAndBytesConfig,
+    MllamaForConditionalGeneration,
+    ProcessorMixin,
+)
+
+from producer.errors import ConfigurationError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTIZED = ("nf4", "int8")
+PRECISIONS = (*DTYPES, *QUANTIZED)
+
+# Quantize the language model only; the vision tower and projector stay in bf16.
+# Patterns match from the start of the module path, and a custom list drops bnb's default
+# `lm_head` skip, hence it is listed again.
+BNB_SKIP_MODULES = ["model.vision_model", "model.multi_modal_projector", "lm_head"]
+
+
+def _is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _check_settings(precision: str, attn_implementation: str, device: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigurationError(
+            f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}."
+        )
+    if attn_implementation == "flash_attention_2" and not _is_installed("flash_attn"):
+        raise ConfigurationError(
+            "attn_implementation 'flash_attention_2' needs the flash-attn package, which is not "
+            "installed: install it (pip install 'vlmq[flash]') or use 'sdpa'."
+        )
+    try:
+        on_cuda = torch.device(device).type == "cuda"
+    except RuntimeError as exc:
+        raise ConfigurationError(
+            f"Unknown device {device!r}: use 'cuda', 'cuda:N' or 'cpu'."
+        ) from exc
+    if on_cuda and not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"Device {device!r} was asked for but CUDA is not available here: "
+            "run on a machine with a GPU, or set the device to 'cpu'."
+        )
+    if precision in QUANTIZED:
+        if not on_cuda:
+            raise ConfigurationError(
+                f"Precision {precision!r} (bitsandbytes) needs a CUDA device, got {device!r}: "
+                "set a CUDA device or use precision 'bf16', 'fp16' or 'fp32'."
+            )
+        if not _is_installed("bitsandbytes"):
+            raise ConfigurationError(
+                f"Precision {precision!r} needs the bitsandbytes package, which is not installed: "
+                "install it (pip install bitsandbytes) or use precision 'bf16'."
+            )
+
+
+def _quantization_config(precision: str) -> BitsAndBytesConfig:
+    if precision == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=BNB_SKIP_MODULES,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=BNB_SKIP_MODULES)
+
+
+def load_model(
+    model_id: str,
+    *,
+    precision: str = "bf16",
+    attn_implementation: str = "sdpa",
+    device: str = "cuda",
+) -> tuple[MllamaForConditionalGeneration, ProcessorMixin]:
+    """Load an Mllama model (local directory or hub id) and its processor, ready for inference.
+
+    ``precision`` is one of bf16, fp16, fp32 (weights in that dtype) or nf4, int8 (the language
+    model quantized by bitsandbytes, the rest in bf16; CUDA only). The model is put on
+    ``device`` in eval mode; the processor pads on the left, as batched generation needs.
+    Raises ConfigurationError, saying how to fix it, for settings that cannot work here.
+    """
+    _check_settings(precision, attn_implementation, device)
+    if precision in QUANTIZED:
+        model = MllamaForConditionalGeneration.from_pretrained(
+            model_id,
+            dtype=torch.bfloat16,
+            attn_implementation=attn_implementation,
+            quantization_config=_quantization_config(precision),
+            device_map={"": device},
+        )
+    else:
+        model = MllamaForConditionalGeneration.from_pretrained(
+            model_id, dtype=DTYPES[precision], attn_implementation=attn_implementation
+        ).to(device)
+    model.eval()
+
+    processor = AutoProcessor.from_pretrained(model_id)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
