@@ -1,0 +1,175 @@
+"""The wire contract between producer and worker: task name, queue, limits and the request.
+
+Pure: no I/O beyond reading environment variables. The producer validates a request before
+sending it and the worker validates it again after receiving it, with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from producer.errors import ConfigurationError, InvalidRequest
+
+TASK_NAME = "vlmq.analyze"
+DEFAULT_QUEUE = "vlmq"
+IMAGE_KEY_PREFIX = "vlmq:image:"
+
+_IMAGE_KEY = re.compile(re.escape(IMAGE_KEY_PREFIX) + r"[0-9a-f]{64}")
+_TEMPERATURE_MAX = 2.0
+
+
+def env_positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    """Read the positive integer ``environ[name]``; unset or empty gives ``default``.
+
+    Raises:
+        ConfigurationError: the value is not a positive integer; the message shows the form.
+    """
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigurationError(
+            f"{name} must be a positive integer such as {name}={default}, got {raw!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits that both sides enforce on every request."""
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    #: Width * height, read from the header before decoding: the decompression-bomb guard.
+    max_image_pixels: int = 40_000_000
+    max_question_chars: int = 4000
+    max_new_tokens: int = 2048
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Limits:
+        """Read ``VLMQ_MAX_IMAGE_BYTES``, ``VLMQ_MAX_IMAGE_PIXELS``,
+        ``VLMQ_MAX_QUESTION_CHARS`` and ``VLMQ_MAX_NEW_TOKENS``; unset ones keep the default.
+
+        Raises:
+            ConfigurationError: a variable is set to something other than a positive integer.
+        """
+        return cls(
+            **{
+                f.name: env_positive_int(environ, f"VLMQ_{f.name.upper()}", f.default)
+                for f in fields(cls)
+            }
+        )
+
+
+def _show(value: Any) -> str:
+    """A short repr of a possibly hostile value, for error messages."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """One image-analysis request, as carried in the Celery task's kwargs.
+
+    ``image_key`` is the claim-check key (``vlmq:image:<sha256 hex>``) of the image bytes in
+    Redis; ``submitted_at`` is epoch seconds, set by the producer.
+    """
+
+    image_key: str
+    question: str
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    submitted_at: float = field(default_factory=time.time)
+
+    def to_message(self) -> dict[str, Any]:
+        """The JSON-able kwargs of the ``vlmq.analyze`` task: every field, by name."""
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, kwargs: Mapping[str, Any], limits: Limits) -> AnalysisRequest:
+        """Build and validate a request from received task kwargs.
+
+        Every field is required and no other is allowed.
+
+        Raises:
+            InvalidRequest: the message is malformed; the message names the field and what
+                is allowed.
+        """
+        if not isinstance(kwargs, Mapping):
+            raise InvalidRequest(f"task kwargs must be a mapping, got {type(kwargs).__name__}")
+        expected = [f.name for f in fields(cls)]
+        missing = [name for name in expected if name not in kwargs]
+        if missing:
+            raise InvalidRequest(
+                f"missing field(s) {', '.join(missing)}; a request carries {', '.join(expected)}"
+            )
+        unknown = sorted(map(str, set(kwargs) - set(expected)))
+        if unknown:
+            raise InvalidRequest(
+                f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(expected)}"
+            )
+        request = cls(**kwargs)
+        request.validate(limits)
+        return request
+
+    def validate(self, limits: Limits) -> None:
+        """Check every field's type and range against ``limits``.
+
+        Raises:
+            InvalidRequest: naming the first wrong field and what is allowed.
+        """
+        if not isinstance(self.image_key, str) or not _IMAGE_KEY.fullmatch(self.image_key):
+            raise InvalidRequest(
+                f"image_key must be '{IMAGE_KEY_PREFIX}' followed by a lowercase hex sha256 "
+                f"(64 characters), got {_show(self.image_key)}"
+            )
+        if not isinstance(self.question, str):
+            raise InvalidRequest(f"question must be a string, got {_show(self.question)}")
+        if not self.question.strip():
+            raise InvalidRequest("question must contain text, got an empty or blank string")
+        if len(self.question) > limits.max_question_chars:
+            raise InvalidRequest(
+                f"question is {len(self.question)} characters; at most "
+                f"{limits.max_question_chars} are allowed (VLMQ_MAX_QUESTION_CHARS)"
+            )
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise InvalidRequest(
+                f"max_new_tokens must be an integer, got {_show(self.max_new_tokens)}"
+            )
+        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+            raise InvalidRequest(
+                f"max_new_tokens must be between 1 and {limits.max_new_tokens} "
+                f"(VLMQ_MAX_NEW_TOKENS), got {self.max_new_tokens}"
+            )
+        if not (_is_number(self.temperature) and 0 <= self.temperature <= _TEMPERATURE_MAX):
+            raise InvalidRequest(
+                f"temperature must be a number from 0 to {_TEMPERATURE_MAX:g} "
+                f"(0 = greedy), got {_show(self.temperature)}"
+            )
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise InvalidRequest(
+                f"top_p must be a number greater than 0 and at most 1, got {_show(self.top_p)}"
+            )
+        if not (
+            _is_number(self.submitted_at)
+            and math.isfinite(self.submitted_at)
+            and self.submitted_at >= 0
+        ):
+            raise InvalidRequest(
+                f"submitted_at must be epoch seconds (a finite number >= 0), "
+                f"got {_show(self.submitted_at)}"
+            )
