@@ -1,0 +1,190 @@
+"""The ``vlmq`` command: submit images from the shell; run the worker, the tiny model, the demo.
+
+Exit status: 0 when everything succeeded, 1 when any task failed or timed out, 2 for a
+usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+
+from producer.client import Client, TaskHandle
+from producer.errors import ConfigurationError, VlmqError
+from producer.results import AnalysisResult
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vlmq`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = _parser().parse_args(argv)
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmq", description="Image analysis with Llama-3.2-Vision over Celery and Redis."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser(
+        "submit",
+        help="enqueue images with a question",
+        description="Enqueue one task per image. Redis and limits come from REDIS_URL and "
+        "VLMQ_* variables.",
+    )
+    submit.add_argument("images", nargs="+", metavar="IMG", help="image path or http(s) URL")
+    submit.add_argument("-q", "--question", required=True, help="the question about each image")
+    submit.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    submit.add_argument("--temperature", type=float, default=0.0, metavar="T")
+    submit.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    submit.add_argument(
+        "--priority",
+        type=int,
+        choices=range(10),
+        metavar="0-9",
+        help="0 is the highest, 9 the lowest (default: 0)",
+    )
+    submit.add_argument("--wait", action="store_true", help="wait for and print the results")
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="with --wait, seconds to wait for all results (default: forever)",
+    )
+    submit.add_argument("--json", action="store_true", help="print one JSON object per line")
+    submit.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="allow URLs of private, loopback and link-local hosts",
+    )
+    submit.set_defaults(run=_submit)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run the GPU worker",
+        description="Run the GPU worker. Arguments after -- go to the celery worker.",
+    )
+    worker.add_argument("--gpu", type=int, metavar="N", help="CUDA device index")
+    worker.add_argument("--loglevel", default="info")
+    worker.add_argument("extra", nargs=argparse.REMAINDER, help="-- then celery worker options")
+    worker.set_defaults(run=_worker)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random Mllama for tests")
+    tiny.add_argument("dir", type=Path, metavar="DIR")
+    tiny.set_defaults(run=_make_tiny_model)
+
+    demo = commands.add_parser("demo", help="run the end-to-end demo")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _submit(args: argparse.Namespace) -> int:
+    try:
+        client = Client(allow_private_urls=args.allow_private_urls)
+    except ConfigurationError as exc:
+        print(f"vlmq: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _submit_with(client, args)
+    except (OperationalError, RedisError) as exc:
+        print(f"vlmq: cannot use Redis at {client.settings.redacted_url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _submit_with(client: Client, args: argparse.Namespace) -> int:
+    failed = False
+    handles: list[tuple[str, TaskHandle]] = []
+    for image in args.images:
+        try:
+            handle = client.submit(
+                image,
+                args.question,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                priority=args.priority,
+            )
+        except VlmqError as exc:
+            failed = True
+            _print_error(args, image, None, exc)
+            continue
+        handles.append((image, handle))
+        if not args.wait:
+            _print_line(args, {"image": image, "task_id": handle.id}, handle.id)
+
+    if args.wait:
+        failed |= not _wait(args, handles)
+    return 1 if failed else 0
+
+
+def _wait(args: argparse.Namespace, handles: list[tuple[str, TaskHandle]]) -> bool:
+    """Print each result as it is collected; True when all succeeded in time."""
+    succeeded = True
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    for image, handle in handles:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            result = handle.result(timeout=remaining)
+        except (VlmqError, TimeoutError) as exc:
+            succeeded = False
+            _print_error(args, image, handle.id, exc)
+            continue
+        _print_line(
+            args, {"image": image, "task_id": handle.id, **result.to_dict()}, _text(image, result)
+        )
+    return succeeded
+
+
+def _print_line(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
+    print(json.dumps(record, ensure_ascii=False) if args.json else text, flush=True)
+
+
+def _print_error(args: argparse.Namespace, image: str, task_id: str | None, exc: Exception) -> None:
+    if args.json:
+        record = {"image": image, "task_id": task_id, "error": type(exc).__name__}
+        print(json.dumps({**record, "message": str(exc)}, ensure_ascii=False), flush=True)
+    else:
+        print(f"{image}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+def _text(image: str, result: AnalysisResult) -> str:
+    lines = [f"== {image} (task {result.task_id})", result.answer]
+    if result.stages is not None:
+        for stage, text in vars(result.stages).items():
+            if text is not None:
+                lines.append(f"  [{stage}] {text}")
+    t = result.timings
+    lines.append(
+        f"  queued {t.queued_ms:.0f} ms, batch of {t.batch_size}, GPU {t.gpu_ms:.0f} ms, "
+        f"{result.prompt_tokens} prompt + {result.answer_tokens} answer tokens, {result.model}"
+    )
+    return "\n".join(lines)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.cli import worker_command
+
+    return worker_command(args)
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from worker.model.tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.demo import main as demo_main
+
+    return demo_main()

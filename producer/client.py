@@ -1,0 +1,275 @@
+"""The producer client: check an image and question locally, store the image, enqueue the task."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+
+from producer import errors
+from producer.claimcheck import ImageStore
+from producer.config import Settings, make_celery_app
+from producer.images import ImageSource, decode_image, read_image_source
+from producer.protocol import TASK_NAME, AnalysisRequest, Limits
+from producer.results import AnalysisResult
+
+_NAMED_ERRORS = {
+    name: cls
+    for name, cls in vars(errors).items()
+    if isinstance(cls, type) and issubclass(cls, errors.VlmqError)
+}
+
+
+class TaskHandle:
+    """A submitted task: its id, its state, and a way to wait for its result."""
+
+    def __init__(self, task_id: str, app: Celery) -> None:
+        self.id = task_id
+        self._async = AsyncResult(task_id, app=app)
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id!r})"
+
+    @property
+    def state(self) -> str:
+        """The Celery state: PENDING (also for unknown ids), STARTED, SUCCESS, FAILURE, ..."""
+        return self._async.state
+
+    def ready(self) -> bool:
+        """Whether the task has finished, successfully or not."""
+        return self._async.ready()
+
+    def result(self, timeout: float | None = None) -> AnalysisResult:
+        """Wait up to ``timeout`` seconds (None: forever) for the result.
+
+        Raises:
+            TimeoutError: the task has not finished in time.
+            VlmqError: the task failed; it is the named error the worker raised (e.g.
+                ``InvalidImage``), or a plain ``VlmqError`` describing any other failure
+                (revoked, expired, worker crash).
+        """
+        try:
+            outcome = self._async.get(timeout=timeout, propagate=False)
+        except CeleryTimeoutError:
+            # Celery keeps a waiter that timed out registered until its task finishes; drop
+            # it so polling does not pile them up (and none is left for interpreter exit).
+            self._async.backend.remove_pending_result(self._async)
+            raise TimeoutError(
+                f"task {self.id} has not finished after {timeout:.3g} s (state {self.state})"
+            ) from None
+        if isinstance(outcome, BaseException):
+            raise _named_error(self.id, outcome) from outcome
+        return AnalysisResult.from_dict(self.id, outcome)
+
+
+def _named_error(task_id: str, exc: BaseException) -> errors.VlmqError:
+    """The vlmq error for a task failure Celery rebuilt from ``exc_module``/``exc_type``.
+
+    Celery rebuilds the real class only when its module is imported here; otherwise it makes
+    a look-alike class of the same name, which is mapped back to ours by name.
+    """
+    if isinstance(exc, errors.VlmqError):
+        return exc
+    named = _NAMED_ERRORS.get(type(exc).__name__)
+    if named is not None:
+        return named(str(exc))
+    return errors.VlmqError(f"task {task_id} failed: {type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    data: bytes
+    request: AnalysisRequest
+    priority: int | None
+    expires: float | datetime | None
+
+
+class Client:
+    """Submits image-analysis tasks to the vlmq queue.
+
+    ``settings`` defaults to :meth:`Settings.from_env` and ``limits`` to
+    :meth:`Limits.from_env`. The Celery app (``app``, else :func:`make_celery_app`) and the
+    claim-check store (``image_store``, else an :class:`ImageStore` on ``settings.redis_url``)
+    are created on first use; both must be the ones the worker reads. URLs of private,
+    loopback or link-local hosts are refused unless ``allow_private_urls``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        app: Celery | None = None,
+        limits: Limits | None = None,
+        image_store: ImageStore | None = None,
+        allow_private_urls: bool = False,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.limits = limits or Limits.from_env()
+        self.allow_private_urls = allow_private_urls
+        self._given_app = app
+        self._given_images = image_store
+
+    @cached_property
+    def app(self) -> Celery:
+        """The Celery app tasks are sent with."""
+        return self._given_app or make_celery_app(self.settings)
+
+    @cached_property
+    def images(self) -> ImageStore:
+        """The claim-check store the images go to."""
+        return self._given_images or ImageStore(self._redis, self.settings.image_ttl_s)
+
+    @cached_property
+    def _redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url)
+
+    def submit(
+        self,
+        image: ImageSource,
+        question: str,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        priority: int | None = None,
+        expires: float | datetime | None = None,
+    ) -> TaskHandle:
+        """Check ``image`` and ``question`` locally, store the image, enqueue the task.
+
+        ``image`` is anything :func:`~producer.images.read_image_source` reads (path, URL,
+        bytes, PIL image). ``priority``: 0 is the highest and 9 the lowest (the Redis
+        transport's order); None sends at 0. ``expires``: seconds from now, or a datetime,
+        after which the worker drops the task unanswered.
+
+        Raises:
+            InvalidImage: the image cannot be read or decoded, or is over the limits.
+            InvalidRequest: the question or an option is out of range.
+        """
+        prepared = self._prepare(
+            image,
+            question,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            priority=priority,
+            expires=expires,
+        )
+        return self._send([prepared])[0]
+
+    def submit_many(self, items: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> list[TaskHandle]:
+        """Submit several tasks: each item is ``(image, question)`` or a mapping of
+        :meth:`submit`'s arguments by name (``image``, ``question``, options).
+
+        Every item is checked before anything is stored or sent, so one bad item sends
+        nothing; the images then go to Redis and the messages to the broker in pipelines.
+
+        Raises:
+            InvalidRequest: an item is malformed; the message starts with its index.
+        """
+        prepared = []
+        for index, item in enumerate(items):
+            try:
+                args, options = _item_arguments(item)
+                prepared.append(self._prepare(*args, **options))
+            except errors.InvalidRequest as exc:
+                raise type(exc)(f"item {index}: {exc}") from exc
+        return self._send(prepared)
+
+    def handle(self, task_id: str) -> TaskHandle:
+        """The handle of a task submitted earlier, perhaps by another process."""
+        return TaskHandle(task_id, self.app)
+
+    def close(self) -> None:
+        """Release the Redis connections this client opened."""
+        if "_redis" in self.__dict__:
+            self._redis.close()
+        if "app" in self.__dict__ and self._given_app is None:
+            self.app.close()
+
+    def _prepare(
+        self,
+        image: ImageSource,
+        question: str,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        priority: int | None,
+        expires: float | datetime | None,
+    ) -> _Prepared:
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
+        ):
+            raise errors.InvalidRequest(
+                f"priority must be an integer from 0 (highest) to 9 (lowest) or None, "
+                f"got {priority!r}"
+            )
+        if expires is not None and (
+            isinstance(expires, bool) or not isinstance(expires, (int, float, datetime))
+        ):
+            raise errors.InvalidRequest(
+                f"expires must be seconds from now or a datetime, got {expires!r}"
+            )
+        data = read_image_source(
+            image, limits=self.limits, allow_private_urls=self.allow_private_urls
+        )
+        request = AnalysisRequest(
+            image_key=ImageStore.key_for(data),
+            question=question,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )
+        request.validate(self.limits)
+        decode_image(data, self.limits)
+        return _Prepared(data, request, priority, expires)
+
+    def _send(self, prepared: list[_Prepared]) -> list[TaskHandle]:
+        self.images.put_many([item.data for item in prepared])
+        with self.app.producer_or_acquire() as producer, producer.batch():
+            sent = [
+                self.app.send_task(
+                    TASK_NAME,
+                    kwargs=item.request.to_message(),
+                    queue=self.settings.queue,
+                    priority=item.priority,
+                    expires=item.expires,
+                    producer=producer,
+                )
+                for item in prepared
+            ]
+        return [TaskHandle(result.id, self.app) for result in sent]
+
+
+# submit's options and their defaults, spelled out once, in its signature.
+_SUBMIT_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(Client.submit).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
+
+def _item_arguments(
+    item: Mapping[str, Any] | tuple[Any, ...],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of :meth:`Client.submit` that ``item`` stands for."""
+    if isinstance(item, tuple) and len(item) == 2:
+        return item, dict(_SUBMIT_DEFAULTS)
+    if isinstance(item, Mapping):
+        options = {**_SUBMIT_DEFAULTS, **item}
+        missing = {"image", "question"} - options.keys()
+        unknown = options.keys() - _SUBMIT_DEFAULTS.keys() - {"image", "question"}
+        if not missing and not unknown:
+            return (options.pop("image"), options.pop("question")), options
+    raise errors.InvalidRequest(
+        "an item must be (image, question) or a mapping with image, question and any of "
+        f"{', '.join(_SUBMIT_DEFAULTS)}, got {item!r:.80}"
+    )
