@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from celery import Celery
 
 from producer.errors import ConfigurationError
-from producer.protocol import DEFAULT_QUEUE, env_positive_int
+from producer.protocol import DEFAULT_QUEUE, env_int
 
 _URL_FORM = "redis://[[username]:password@]host[:port][/db] (or rediss:// for TLS)"
 
@@ -71,13 +71,11 @@ class Settings:
         return cls(
             redis_url=environ.get("REDIS_URL", "").strip() or defaults.redis_url,
             queue=environ.get("VLMQ_QUEUE", "").strip() or defaults.queue,
-            image_ttl_s=env_positive_int(environ, "VLMQ_IMAGE_TTL_S", defaults.image_ttl_s),
-            visibility_timeout_s=env_positive_int(
+            image_ttl_s=env_int(environ, "VLMQ_IMAGE_TTL_S", defaults.image_ttl_s),
+            visibility_timeout_s=env_int(
                 environ, "VLMQ_VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s
             ),
-            result_expires_s=env_positive_int(
-                environ, "VLMQ_RESULT_EXPIRES_S", defaults.result_expires_s
-            ),
+            result_expires_s=env_int(environ, "VLMQ_RESULT_EXPIRES_S", defaults.result_expires_s),
         )
 
     @property

@@ -24,11 +24,13 @@ _IMAGE_KEY = re.compile(re.escape(IMAGE_KEY_PREFIX) + r"[0-9a-f]{64}")
 _TEMPERATURE_MAX = 2.0
 
 
-def env_positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    """Read the positive integer ``environ[name]``; unset or empty gives ``default``.
+def env_int(
+    environ: Mapping[str, str], name: str, default: int, *, low: int = 1, high: int | None = None
+) -> int:
+    """Read the integer ``environ[name]`` in ``low..high``; unset or empty gives ``default``.
 
     Raises:
-        ConfigurationError: the value is not a positive integer; the message shows the form.
+        ConfigurationError: the value is not such an integer; the message shows the form.
     """
     raw = environ.get(name, "").strip()
     if not raw:
@@ -36,10 +38,11 @@ def env_positive_int(environ: Mapping[str, str], name: str, default: int) -> int
     try:
         value = int(raw)
     except ValueError:
-        value = 0
-    if value <= 0:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
         raise ConfigurationError(
-            f"{name} must be a positive integer such as {name}={default}, got {raw!r}"
+            f"{name} must be an integer in {allowed} such as {name}={default}, got {raw!r}"
         )
     return value
 
@@ -63,10 +66,7 @@ class Limits:
             ConfigurationError: a variable is set to something other than a positive integer.
         """
         return cls(
-            **{
-                f.name: env_positive_int(environ, f"VLMQ_{f.name.upper()}", f.default)
-                for f in fields(cls)
-            }
+            **{f.name: env_int(environ, f"VLMQ_{f.name.upper()}", f.default) for f in fields(cls)}
         )
 
 

@@ -49,9 +49,18 @@ class WorkerProcess:
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-                "--loglevel=INFO", "-n", name, "--without-mingle", "--without-gossip",
-            ],  # fmt: skip
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--loglevel=INFO",
+                "-n",
+                name,
+                "--without-mingle",
+                "--without-gossip",
+            ],
             env=env,
             cwd=ROOT,
             stdout=self._log,

@@ -39,7 +39,7 @@ def test_from_env() -> None:
         ({"REDIS_URL": "redis://localhost:port"}, "port from 1 to 65535"),
         ({"REDIS_URL": "redis://localhost:6379/zero"}, "database must be a number"),
         ({"REDIS_URL": "rediss://localhost:6380/0"}, "ssl_cert_reqs=required"),
-        ({"VLMQ_IMAGE_TTL_S": "1h"}, "VLMQ_IMAGE_TTL_S must be a positive integer"),
+        ({"VLMQ_IMAGE_TTL_S": "1h"}, "VLMQ_IMAGE_TTL_S must be an integer in >= 1"),
         ({"VLMQ_VISIBILITY_TIMEOUT_S": "0"}, "VLMQ_VISIBILITY_TIMEOUT_S=7200"),
         ({"VLMQ_RESULT_EXPIRES_S": "-1"}, "VLMQ_RESULT_EXPIRES_S"),
     ],

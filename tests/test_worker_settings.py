@@ -30,21 +30,24 @@ def test_values_are_parsed():
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({}, "VLMQ_MODEL is not set"),
         ({"VLMQ_PRECISION": "fp8"}, "VLMQ_PRECISION"),
         ({"VLMQ_ATTN": "flash"}, "VLMQ_ATTN"),
         ({"VLMQ_DEVICE": "tpu"}, "VLMQ_DEVICE"),
-        ({"VLMQ_MAX_BATCH_SIZE": "lots"}, "not an integer"),
-        ({"VLMQ_MAX_BATCH_SIZE": "0"}, "out of range"),
-        ({"VLMQ_MAX_WAIT_MS": "-5"}, "out of range"),
+        ({"VLMQ_MAX_BATCH_SIZE": "lots"}, "integer in 1..1024"),
+        ({"VLMQ_MAX_BATCH_SIZE": "0"}, "VLMQ_MAX_BATCH_SIZE"),
+        ({"VLMQ_MAX_WAIT_MS": "-5"}, "integer in 0..60000"),
         ({"VLMQ_WARMUP": "maybe"}, "VLMQ_WARMUP"),
         ({"VLMQ_PRECISION": "int8", "VLMQ_DEVICE": "cpu"}, "bitsandbytes"),
     ],
 )
 def test_bad_settings_say_how_to_fix_them(env, needle):
-    env = {"VLMQ_MODEL": "/m", **env} if "VLMQ_MODEL" not in env and env else env
     with pytest.raises(ConfigurationError, match=needle):
-        WorkerSettings.from_env(env)
+        WorkerSettings.from_env({"VLMQ_MODEL": "/m", **env})
+
+
+def test_missing_model_says_what_to_set():
+    with pytest.raises(ConfigurationError, match="VLMQ_MODEL is not set"):
+        WorkerSettings.from_env({})
 
 
 def test_prefork_pool_is_refused_with_the_pool_to_use():

@@ -169,7 +169,9 @@ class Batcher:
             try:
                 self._store(req, outcome)
             except Exception:
-                logger.exception("Could not store the result of %s; returning it to the queue", req.id)
+                logger.exception(
+                    "Could not store the result of %s; returning it to the queue", req.id
+                )
                 self._handoff.call(req.reject, True)
                 continue
             self._completed.append(Completion(req, outcome, runtime, len(to_run)))

@@ -90,7 +90,9 @@ def load_runner(settings: WorkerSettings):
         device=settings.device,
     )
     runner = MllamaRunner(model, processor)
-    logger.info("Loaded %s (%s) in %.1f s", settings.model, settings.precision, time.perf_counter() - t0)
+    logger.info(
+        "Loaded %s (%s) in %.1f s", settings.model, settings.precision, time.perf_counter() - t0
+    )
     if settings.warmup:
         t0 = time.perf_counter()
         runner.warmup()

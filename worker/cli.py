@@ -9,9 +9,18 @@ def celery_worker_argv(gpu: int | None, loglevel: str, extra: list[str]) -> list
     """The ``celery worker`` command line that ``vlmq worker`` runs."""
     node = f"vlmq-gpu{gpu}@%h" if gpu is not None else "vlmq@%h"
     return [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "--pool=solo", f"--loglevel={loglevel}", "-n", node, *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "--pool=solo",
+        f"--loglevel={loglevel}",
+        "-n",
+        node,
+        *extra,
+    ]
 
 
 def worker_command(args: argparse.Namespace) -> int:

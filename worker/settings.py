@@ -5,24 +5,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from producer.errors import ConfigurationError
-from producer.protocol import Limits
+from producer.protocol import Limits, env_int
 
 PRECISIONS = ("bf16", "fp16", "fp32", "nf4", "int8")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cuda", "cpu")
-
-
-def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not an integer; set e.g. {name}={default}")
-    if not low <= value <= high:
-        raise ConfigurationError(f"{name}={value} is out of range; allowed {low}..{high}")
-    return value
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -86,8 +73,8 @@ class WorkerSettings:
             precision=precision,
             attn_implementation=_choice(env, "VLMQ_ATTN", "sdpa", ATTENTION),
             device=device,
-            max_batch_size=_int(env, "VLMQ_MAX_BATCH_SIZE", 16, low=1, high=1024),
-            max_wait_ms=_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
+            max_batch_size=env_int(env, "VLMQ_MAX_BATCH_SIZE", 16, low=1, high=1024),
+            max_wait_ms=env_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
             warmup=warmup in ("1", "true", "yes"),
             limits=Limits.from_env(env),
         )
