@@ -181,8 +181,11 @@ class Batcher:
         """Ids that already have a final result: a redelivered task is not run again."""
         backend = self._app.backend
         keys = [backend.get_key_for_task(req.id) for req in requests]
+        found = backend.mget(keys)
+        if isinstance(found, dict):  # the cache backend answers with a mapping
+            found = [found.get(key) for key in keys]
         done = set()
-        for req, raw in zip(requests, backend.mget(keys), strict=True):
+        for req, raw in zip(requests, found, strict=True):
             if raw and backend.decode_result(raw).get("status") in states.READY_STATES:
                 done.add(req.id)
         return done
