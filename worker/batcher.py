@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 from celery.worker.state import task_accepted, task_ready
 
+from producer.errors import ModelError
 from worker.executor import BatchExecutor, Outcome
 from worker.handoff import LoopHandoff
 from worker.policy import decide_batch
@@ -36,6 +37,27 @@ class Completion:
     batch_size: int
 
 
+@dataclass(frozen=True)
+class BatchStats:
+    """What one batch did, for monitoring observers (called on the model thread)."""
+
+    finished_at: float  # epoch seconds
+    batch_size: int  # requests that reached the model
+    failed: int  # of those, how many ended in a named error
+    pending: int  # requests still buffered in this worker
+    queue_wait_ms: float  # mean time the batch's requests waited in this worker's buffer
+    model_ms: float  # validation, image loading and generation
+    prompt_tokens: int
+    answer_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.answer_tokens / (self.model_ms / 1000.0) if self.model_ms > 0 else 0.0
+
+
+BatchObserver = Callable[[BatchStats], None]
+
+
 class Batcher:
     """Buffers requests, cuts batches by the policy, runs them, stores, then acks."""
 
@@ -47,6 +69,8 @@ class Batcher:
         *,
         max_batch_size: int,
         max_wait_s: float,
+        max_attempts: int,
+        observers: Sequence[BatchObserver] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._executor = executor
@@ -54,6 +78,8 @@ class Batcher:
         self._app = app  # app.backend is thread-local: read it on the model thread
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
+        self._max_attempts = max_attempts
+        self._observers = list(observers)
         self._clock = clock
         self._pending: deque[tuple[float, Request]] = deque()
         self._cond = threading.Condition()
@@ -136,7 +162,7 @@ class Batcher:
                 # and come back from the broker.
                 logger.exception("Batch of %d failed outside the model", len(batch))
 
-    def _next_batch(self) -> list[Request] | None:
+    def _next_batch(self) -> list[tuple[float, Request]] | None:
         with self._cond:
             while not self._stopping:
                 oldest = self._pending[0][0] if self._pending else None
@@ -148,34 +174,88 @@ class Batcher:
                     max_wait_s=self._max_wait_s,
                 )
                 if decision.take:
-                    return [self._pending.popleft()[1] for _ in range(decision.take)]
+                    return [self._pending.popleft() for _ in range(decision.take)]
                 self._cond.wait(decision.wait_s)
             return None
 
-    def _process(self, batch: list[Request]) -> None:
-        ok, live = self._handoff.call_and_wait(self._begin, batch, give_up=lambda: self._stopping)
+    def _process(self, batch: list[tuple[float, Request]]) -> None:
+        arrivals = {req.id: arrived for arrived, req in batch}
+        ok, live = self._handoff.call_and_wait(
+            self._begin, [req for _, req in batch], give_up=lambda: self._stopping
+        )
         if not ok or not live:
             return
-        started = time.monotonic()
+        started = self._clock()
         done_before = self._already_stored(live)
-        to_run = [req for req in live if req.id not in done_before]
+        to_run = []
         for req in live:
             if req.id in done_before:
                 logger.info("Task %s already has a result; acking its redelivery", req.id)
                 self._completed.append(Completion(req, None, 0.0, 0))
-        outcomes = self._executor.run([(req.id, req.kwargs) for req in to_run]) if to_run else []
-        runtime = time.monotonic() - started
-        for req, outcome in zip(to_run, outcomes, strict=True):
+            else:
+                to_run.append(req)
+        attempts = self._count_attempts(to_run)
+        runnable = [req for req in to_run if attempts[req.id] <= self._max_attempts]
+        outcomes = {req.id: self._gave_up(req, attempts[req.id]) for req in to_run}
+        if runnable:
+            ran = self._executor.run([(req.id, req.kwargs) for req in runnable])
+            outcomes.update((outcome.task_id, outcome) for outcome in ran)
+        runtime = self._clock() - started
+        for req in to_run:
+            outcome = outcomes[req.id]
             try:
                 self._store(req, outcome)
             except Exception:
-                logger.exception(
-                    "Could not store the result of %s; returning it to the queue", req.id
-                )
+                logger.exception("Could not store the result of %s; requeueing it", req.id)
                 self._handoff.call(req.reject, True)
                 continue
-            self._completed.append(Completion(req, outcome, runtime, len(to_run)))
+            self._completed.append(Completion(req, outcome, runtime, len(runnable)))
         self._handoff.call(self.drain)
+        self._observe(to_run, outcomes, arrivals, started, runtime)
+
+    def _count_attempts(self, requests: list[Request]) -> dict[str, int]:
+        """Count deliveries that reached the model, across worker crashes and restarts."""
+        backend = self._app.backend
+        counts = {}
+        for req in requests:
+            key = f"vlmq:attempts:{req.id}"
+            counts[req.id] = int(backend.incr(key))
+            backend.expire(key, 7 * 24 * 3600)
+        return counts
+
+    def _gave_up(self, req: Request, attempts: int) -> Outcome:
+        error = ModelError(
+            f"gave up after {attempts - 1} attempts: every earlier run of this task ended "
+            "without a result (the worker died or was stopped while running it)"
+        )
+        return Outcome(task_id=req.id, error=error, traceback=None)
+
+    def _observe(
+        self,
+        requests: list[Request],
+        outcomes: dict[str, Outcome],
+        arrivals: dict[str, float],
+        started: float,
+        runtime_s: float,
+    ) -> None:
+        if not self._observers or not requests:
+            return
+        results = [o.result for o in outcomes.values() if o.result is not None]
+        stats = BatchStats(
+            finished_at=time.time(),
+            batch_size=len(requests),
+            failed=sum(o.error is not None for o in outcomes.values()),
+            pending=len(self._pending),
+            queue_wait_ms=1000.0 * sum(started - arrivals[r.id] for r in requests) / len(requests),
+            model_ms=runtime_s * 1000.0,
+            prompt_tokens=sum(r["prompt_tokens"] for r in results),
+            answer_tokens=sum(r["answer_tokens"] for r in results),
+        )
+        for observer in self._observers:
+            try:
+                observer(stats)
+            except Exception:  # monitoring must never break the work
+                logger.exception("Batch observer %r failed", observer)
 
     def _already_stored(self, requests: list[Request]) -> set[str]:
         """Ids that already have a final result: a redelivered task is not run again."""

@@ -59,6 +59,8 @@ class BatchingStep(bootsteps.StartStopStep):
             app,
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s,
+            max_attempts=settings.max_attempts,
+            observers=app.vlmq_batch_observers,
         )
         worker.vlmq_batcher = batcher
         batcher.start()

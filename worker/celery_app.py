@@ -49,6 +49,7 @@ def create_worker_app(
         image_source = ImageStore(redis.Redis.from_url(settings.redis_url), settings.image_ttl_s)
     app.vlmq_worker_settings = worker_settings
     app.vlmq_image_source = image_source
+    app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats
     app.steps["worker"].add(BatchingStep)
     app.register_task(AnalyzeTask())
     return app

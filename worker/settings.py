@@ -26,8 +26,9 @@ class WorkerSettings:
     Environment variables (all prefixed ``VLMQ_``): ``MODEL`` (local directory or hub
     id, required), ``PRECISION`` (bf16, fp16, fp32, nf4, int8), ``ATTN`` (sdpa, eager,
     flash_attention_2), ``DEVICE`` (cuda, cpu), ``MAX_BATCH_SIZE``, ``MAX_WAIT_MS``,
-    ``WARMUP`` (1/0), plus the request limits of :class:`producer.protocol.Limits`
-    (``MAX_NEW_TOKENS`` is the cap on new tokens).
+    ``WARMUP`` (1/0), ``MAX_ATTEMPTS`` (runs of a task that may end without a result —
+    a worker crash — before it fails as ``ModelError``), plus the request limits of
+    :class:`producer.protocol.Limits` (``MAX_NEW_TOKENS`` is the cap on new tokens).
     """
 
     model: str
@@ -37,6 +38,7 @@ class WorkerSettings:
     max_batch_size: int = 16
     max_wait_ms: int = 50
     warmup: bool = True
+    max_attempts: int = 3
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -76,5 +78,6 @@ class WorkerSettings:
             max_batch_size=env_int(env, "VLMQ_MAX_BATCH_SIZE", 16, low=1, high=1024),
             max_wait_ms=env_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
             warmup=warmup in ("1", "true", "yes"),
+            max_attempts=env_int(env, "VLMQ_MAX_ATTEMPTS", 3, low=1, high=100),
             limits=Limits.from_env(env),
         )
