@@ -18,7 +18,7 @@ from producer import errors
 from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
 from producer.images import ImageSource, decode_image, read_image_source
-from producer.protocol import TASK_NAME, AnalysisRequest, Limits
+from producer.protocol import TASK_NAME, AnalysisRequest, Limits, model_queue
 from producer.results import AnalysisResult
 
 _NAMED_ERRORS = {
@@ -90,6 +90,7 @@ class _Prepared:
     request: AnalysisRequest
     priority: int | None
     expires: float | datetime | None
+    queue: str
 
 
 class Client:
@@ -141,13 +142,16 @@ class Client:
         top_p: float = 1.0,
         priority: int | None = None,
         expires: float | datetime | None = None,
+        model: str | None = None,
     ) -> TaskHandle:
         """Check ``image`` and ``question`` locally, store the image, enqueue the task.
 
         ``image`` is anything :func:`~producer.images.read_image_source` reads (path, URL,
         bytes, PIL image). ``priority``: 0 is the highest and 9 the lowest (the Redis
         transport's order); None sends at 0. ``expires``: seconds from now, or a datetime,
-        after which the worker drops the task unanswered.
+        after which the worker drops the task unanswered. ``model``: the served model id
+        (e.g. ``llama-3.2v-11b-cot.bf16``) whose queue it goes to; None: the shared queue,
+        which every worker serves.
 
         Raises:
             InvalidImage: the image cannot be read or decoded, or is over the limits.
@@ -161,6 +165,7 @@ class Client:
             top_p=top_p,
             priority=priority,
             expires=expires,
+            model=model,
         )
         return self._send([prepared])[0]
 
@@ -204,6 +209,7 @@ class Client:
         top_p: float,
         priority: int | None,
         expires: float | datetime | None,
+        model: str | None,
     ) -> _Prepared:
         if priority is not None and (
             isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
@@ -227,10 +233,12 @@ class Client:
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
+            model=model,
         )
         request.validate(self.limits)
         decode_image(data, self.limits)
-        return _Prepared(data, request, priority, expires)
+        queue = self.settings.queue if model is None else model_queue(self.settings.queue, model)
+        return _Prepared(data, request, priority, expires, queue)
 
     def _send(self, prepared: list[_Prepared]) -> list[TaskHandle]:
         self.images.put_many([item.data for item in prepared])
@@ -239,7 +247,7 @@ class Client:
                 self.app.send_task(
                     TASK_NAME,
                     kwargs=item.request.to_message(),
-                    queue=self.settings.queue,
+                    queue=item.queue,
                     priority=item.priority,
                     expires=item.expires,
                     producer=producer,

@@ -31,6 +31,10 @@ class ImageFetchError(InvalidImage):
     """An image URL could not be fetched within the limits, or is not allowed."""
 
 
+class WrongModel(InvalidRequest):
+    """The request names a model that the worker which received it does not serve."""
+
+
 class ModelError(VlmqError):
     """The model failed on this request alone, after it was retried on its own."""
 

@@ -21,6 +21,24 @@ DEFAULT_QUEUE = "vlmq"
 IMAGE_KEY_PREFIX = "vlmq:image:"
 
 _IMAGE_KEY = re.compile(re.escape(IMAGE_KEY_PREFIX) + r"[0-9a-f]{64}")
+_SERVED_MODEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+
+
+def served_model_id(model: str, precision: str) -> str:
+    """The name a worker serves ``model`` under: ``<model name>.<precision>``, lowercase.
+
+    ``model`` is a hub id or a local directory; only its last path part is kept, so
+    ``/srv/Llama-3.2V-11B-cot`` in bf16 is served as ``llama-3.2v-11b-cot.bf16``.
+    """
+    name = re.sub(r"[^a-z0-9._-]+", "-", model.rstrip("/").rsplit("/", 1)[-1].lower())
+    return f"{name.strip('.-_') or 'model'}.{precision}"
+
+
+def model_queue(base_queue: str, served_model: str) -> str:
+    """The queue of one served model, e.g. ``vlmq.llama-3.2v-11b-cot.bf16``."""
+    return f"{base_queue}.{served_model}"
+
+
 _TEMPERATURE_MAX = 2.0
 
 
@@ -85,7 +103,8 @@ class AnalysisRequest:
     """One image-analysis request, as carried in the Celery task's kwargs.
 
     ``image_key`` is the claim-check key (``vlmq:image:<sha256 hex>``) of the image bytes in
-    Redis; ``submitted_at`` is epoch seconds, set by the producer.
+    Redis; ``submitted_at`` is epoch seconds, set by the producer. ``model`` is the served
+    model id (:func:`served_model_id`) the request must run on, or None for any.
     """
 
     image_key: str
@@ -94,6 +113,7 @@ class AnalysisRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     submitted_at: float = field(default_factory=time.time)
+    model: str | None = None
 
     def to_message(self) -> dict[str, Any]:
         """The JSON-able kwargs of the ``vlmq.analyze`` task: every field, by name."""
@@ -172,4 +192,11 @@ class AnalysisRequest:
             raise InvalidRequest(
                 f"submitted_at must be epoch seconds (a finite number >= 0), "
                 f"got {_show(self.submitted_at)}"
+            )
+        if self.model is not None and not (
+            isinstance(self.model, str) and _SERVED_MODEL.fullmatch(self.model)
+        ):
+            raise InvalidRequest(
+                "model must be None or a served model id such as 'llama-3.2v-11b-cot.bf16' "
+                f"(lowercase letters, digits, '.', '-', '_'), got {_show(self.model)}"
             )

@@ -53,6 +53,7 @@ def malformed_messages(store: ImageStore, good_key: str) -> list[tuple[dict, typ
         "temperature": 0.0,
         "top_p": 1.0,
         "submitted_at": time.time(),
+        "model": None,
     }
     truncated = png(Image.new("RGB", (64, 64), "red"))[:60]
     return [

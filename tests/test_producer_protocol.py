@@ -13,6 +13,8 @@ from producer.protocol import (
     TASK_NAME,
     AnalysisRequest,
     Limits,
+    model_queue,
+    served_model_id,
 )
 
 KEY = IMAGE_KEY_PREFIX + "ab" * 32
@@ -27,6 +29,7 @@ def message(**changes: object) -> dict:
         "temperature": 0.0,
         "top_p": 1.0,
         "submitted_at": 1_700_000_000.0,
+        "model": None,
     }
     return {**fields, **changes}
 
@@ -111,6 +114,9 @@ def test_integers_are_accepted_for_floats() -> None:
         ("submitted_at", -1.0, "submitted_at"),
         ("submitted_at", "yesterday", "submitted_at"),
         ("submitted_at", True, "submitted_at"),
+        ("model", "Llama 3.2", "served model id"),
+        ("model", "", "served model id"),
+        ("model", 7, "served model id"),
     ],
 )
 def test_bad_field_is_named(field: str, value: object, says: str) -> None:
@@ -154,3 +160,12 @@ def test_hostile_values_are_shortened_in_messages() -> None:
 def test_validate_runs_on_constructed_requests() -> None:
     with pytest.raises(InvalidRequest, match="top_p"):
         AnalysisRequest(image_key=KEY, question="Why?", top_p=0).validate(LIMITS)
+
+
+def test_served_model_ids_and_queues() -> None:
+    assert served_model_id("/srv/Llama-3.2V-11B-cot", "bf16") == "llama-3.2v-11b-cot.bf16"
+    assert served_model_id("meta-llama/Llama-3.2-11B-Vision-Instruct", "int8") == (
+        "llama-3.2-11b-vision-instruct.int8"
+    )
+    assert model_queue("vlmq", "llama-3.2v-11b-cot.bf16") == "vlmq.llama-3.2v-11b-cot.bf16"
+    AnalysisRequest.from_message(message(model="llama-3.2v-11b-cot.bf16"), LIMITS)

@@ -1,7 +1,7 @@
 import pytest
 
 from producer.errors import ConfigurationError
-from worker.bootstep import model_name, refuse_prefork
+from worker.bootstep import refuse_prefork
 from worker.cli import celery_worker_argv
 from worker.gpu import pin_gpu
 from worker.settings import WorkerSettings
@@ -72,8 +72,10 @@ def test_worker_command_line():
     assert "--pool=solo" in argv and "vlmq-gpu1@%h" in argv and argv[-1] == "--without-mingle"
 
 
-def test_model_name_is_short():
-    assert model_name("/srv/models/Llama-3.2V-11B-cot") == "Llama-3.2V-11B-cot"
-    assert model_name("meta-llama/Llama-3.2-11B-Vision-Instruct") == (
-        "meta-llama/Llama-3.2-11B-Vision-Instruct"
+def test_served_model_id_names_model_and_precision():
+    s = WorkerSettings.from_env({"VLMQ_MODEL": "/srv/models/Llama-3.2V-11B-cot/"})
+    assert s.served_model == "llama-3.2v-11b-cot.bf16"
+    s = WorkerSettings.from_env(
+        {"VLMQ_MODEL": "meta-llama/Llama-3.2-11B-Vision-Instruct", "VLMQ_PRECISION": "nf4"}
     )
+    assert s.served_model == "llama-3.2-11b-vision-instruct.nf4"

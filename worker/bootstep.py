@@ -2,7 +2,6 @@
 
 import logging
 import time
-from pathlib import PurePath
 from typing import Any
 
 from celery import bootsteps
@@ -26,12 +25,6 @@ def refuse_prefork(pool_cls: Any) -> None:
         )
 
 
-def model_name(model: str) -> str:
-    """A short name for results and events: the hub id, or a local directory's name."""
-    path = PurePath(model)
-    return path.name if path.is_absolute() or model.startswith(".") else model
-
-
 class BatchingStep(bootsteps.StartStopStep):
     """Loads and warms the model before the consumer starts, then runs the batcher.
 
@@ -52,7 +45,7 @@ class BatchingStep(bootsteps.StartStopStep):
         settings: WorkerSettings = app.vlmq_worker_settings
         images: ImageSource = app.vlmq_image_source
         runner = load_runner(settings)
-        executor = BatchExecutor(runner, images, settings.limits, model_name(settings.model))
+        executor = BatchExecutor(runner, images, settings.limits, settings.served_model)
         batcher = Batcher(
             executor,
             LoopHandoff(worker.hub),

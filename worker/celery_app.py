@@ -3,10 +3,11 @@
 from typing import Any
 
 from celery import Celery, Task
+from kombu import Queue
 
 from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
-from producer.protocol import TASK_NAME
+from producer.protocol import TASK_NAME, model_queue
 from worker.bootstep import BatchingStep
 from worker.executor import ImageSource
 from worker.settings import WorkerSettings
@@ -38,6 +39,11 @@ def create_worker_app(
     """
     app = make_celery_app(settings, name="vlmq-worker")
     app.conf.update(
+        # The shared queue (any model) and this model's own queue.
+        task_queues=[
+            Queue(settings.queue),
+            Queue(model_queue(settings.queue, worker_settings.served_model)),
+        ],
         worker_pool="solo",
         worker_concurrency=1,
         worker_prefetch_multiplier=worker_settings.prefetch_count,

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from producer.errors import ModelError, VlmqError
+from producer.errors import ModelError, VlmqError, WrongModel
 from producer.images import decode_image
 from producer.protocol import AnalysisRequest, Limits
 from producer.results import parse_cot
@@ -59,12 +59,12 @@ class BatchExecutor:
     """
 
     def __init__(
-        self, runner: BatchRunner, images: ImageSource, limits: Limits, model_name: str
+        self, runner: BatchRunner, images: ImageSource, limits: Limits, served_model: str
     ) -> None:
         self._runner = runner
         self._images = images
         self._limits = limits
-        self._model_name = model_name
+        self._served_model = served_model
 
     def run(self, messages: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Outcome]:
         """Run ``(task_id, task kwargs)`` pairs; one outcome per pair, in order."""
@@ -74,6 +74,11 @@ class BatchExecutor:
         for task_id, kwargs in messages:
             try:
                 request = AnalysisRequest.from_message(kwargs, self._limits)
+                if request.model not in (None, self._served_model):
+                    raise WrongModel(
+                        f"this request is for {request.model!r} but the worker that received "
+                        f"it serves {self._served_model!r}; check the queue routing"
+                    )
                 image = decode_image(self._images.get(request.image_key), self._limits)
             except VlmqError as exc:
                 outcomes[task_id] = _failure(task_id, exc)
@@ -123,7 +128,7 @@ class BatchExecutor:
                 "batch_size": batch_size,
                 "gpu_ms": gpu_ms,
             },
-            "model": self._model_name,
+            "model": self._served_model,
         }
 
 

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from producer.errors import ConfigurationError
-from producer.protocol import Limits, env_int
+from producer.protocol import Limits, env_int, served_model_id
 
 PRECISIONS = ("bf16", "fp16", "fp32", "nf4", "int8")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -40,6 +40,11 @@ class WorkerSettings:
     warmup: bool = True
     max_attempts: int = 3
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def served_model(self) -> str:
+        """The id producers route by, e.g. ``llama-3.2v-11b-cot.bf16``."""
+        return served_model_id(self.model, self.precision)
 
     @property
     def max_wait_s(self) -> float:
