@@ -1,0 +1,340 @@
+"""Numbers from a run's records, the results JSON, the console table and the Markdown file.
+
+``python -m bench.report md RESULTS.json`` rewrites the Markdown next to a results JSON;
+``python -m bench.report merge OUT.json A.json B.json`` merges runs of the same card (modes
+of later files win), e.g. a run of a,b,c,d and a run of nf4,int8.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+MODE_ORDER = ["a", "b", "c", "d", "nf4", "int8"]
+MODE_LABELS = {
+    "a": "(a) generate, one at a time",
+    "b": "(b) generate, static batches",
+    "c": "(c) worker engine, in process",
+    "d": "(d) producer -> Redis -> Celery worker",
+    "nf4": "(c) engine, nf4 weights",
+    "int8": "(c) engine, int8 weights",
+}
+GIB = 1024**3
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100), linear between the closest ranks."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize_run(run: dict, window: Callable[[float, float], dict] | None = None) -> dict:
+    """Throughput, latency and batching of one run (a closed loop or one arrival rate)."""
+    records = run["records"]
+    ok = [r for r in records if r.get("error") is None and r.get("answer_tokens") is not None]
+    failed = [r for r in records if r not in ok]
+    short = [r for r in ok if r["answer_tokens"] < r["expected_tokens"]]
+    out: dict[str, Any] = {
+        "name": run["name"],
+        "schedule": run["schedule"],
+        "offered_rate": run.get("rate"),
+        "concurrency": run.get("concurrency"),
+        "n_planned": run["n_planned"],
+        "n_done": len(records),
+        "n_ok": len(ok),
+        "n_failed": len(failed),
+        "n_short": len(short),
+        "errors": sorted({str(r.get("error")) for r in failed})[:5],
+        "stopped_early": run.get("stopped_early", False),
+    }
+    if not ok:
+        return out
+    t_first = min(r["arrival"] for r in records)
+    t_last = max(r["end"] for r in records)
+    duration = max(t_last - t_first, 1e-9)
+    latencies = [r["end"] - r["arrival"] for r in ok]
+    tokens = sum(r["answer_tokens"] for r in ok)
+    batches = run.get("batches") or []
+    sizes = [b[2] for b in batches]
+    out.update(
+        duration_s=duration,
+        output_tokens=tokens,
+        output_tokens_per_s=tokens / duration,
+        images_per_s=len(ok) / duration,
+        latency_p50_s=percentile(latencies, 50),
+        latency_p95_s=percentile(latencies, 95),
+        latency_p99_s=percentile(latencies, 99),
+        latency_mean_s=sum(latencies) / len(latencies),
+        mean_answer_tokens=tokens / len(ok),
+        mean_prompt_tokens=_mean([r.get("prompt_tokens") for r in ok]),
+        n_batches=len(batches),
+        mean_batch=sum(sizes) / len(sizes) if sizes else None,
+        max_batch=max(sizes) if sizes else None,
+        window=[t_first, t_last],
+    )
+    if window is not None:
+        w = window(t_first, t_last)
+        out.update(
+            gpu_util_mean=w["util_mean"], gpu_util_max=w["util_max"], nvml_mem_peak=w["mem_peak"]
+        )
+    return out
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if isinstance(v, (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def headline(mode: dict) -> dict | None:
+    """The saturating closed-loop run's summary of a mode, if it has one."""
+    for s in mode.get("summaries", []):
+        if s["schedule"] == "closed" and s.get("n_ok"):
+            return s
+    return None
+
+
+def add_ratios(results: dict) -> None:
+    """Each mode's throughput over (a)'s and (b)'s, in place."""
+    modes = results.get("modes", {})
+    bases = {k: headline(modes[k]) for k in ("a", "b") if k in modes}
+    for mode in modes.values():
+        h = headline(mode)
+        mode["ratios"] = {}
+        if h is None:
+            continue
+        for base_key, base in bases.items():
+            if base is None:
+                continue
+            for metric in ("output_tokens_per_s", "images_per_s"):
+                if base.get(metric):
+                    mode["ratios"][f"{metric}_vs_{base_key}"] = h[metric] / base[metric]
+
+
+def write_json(results: dict, path: Path) -> None:
+    """Write atomically, so a kill mid-write leaves the previous complete file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _f(value: Any, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value * scale)
+
+
+def mode_rows(results: dict) -> list[list[str]]:
+    """One row per mode: the headline numbers."""
+    rows = []
+    for key in MODE_ORDER:
+        mode = results.get("modes", {}).get(key)
+        if mode is None:
+            continue
+        h = headline(mode) or {}
+        probe = mode.get("probe") or {}
+        floor = (mode.get("floor") or {}).get("batch1") or {}
+        mem = mode.get("peak_mem") or {}
+        ratios = mode.get("ratios") or {}
+        status = mode.get("status", "?")
+        if h.get("n_failed") or h.get("n_short"):
+            status += f" ({h.get('n_failed', 0)} failed, {h.get('n_short', 0)} short)"
+        rows.append(
+            [
+                MODE_LABELS.get(key, key),
+                status,
+                _f(probe.get("step_ms")),
+                _f(floor.get("floor_ms")),
+                _f(h.get("output_tokens_per_s")),
+                _f(h.get("images_per_s"), "{:.2f}"),
+                _f(h.get("latency_p50_s")),
+                _f(h.get("latency_p95_s")),
+                _f(h.get("latency_p99_s")),
+                _f(h.get("mean_batch")),
+                _f(h.get("gpu_util_mean"), "{:.0f}"),
+                _f(mem.get("peak_bytes"), "{:.1f}", 1 / GIB),
+                _f(ratios.get("output_tokens_per_s_vs_a"), "{:.2f}x"),
+                _f(ratios.get("output_tokens_per_s_vs_b"), "{:.2f}x"),
+            ]
+        )
+    return rows
+
+
+MODE_HEADER = [
+    "mode", "status", "ms/step b=1", "floor ms b=1", "out tok/s", "img/s", "p50 s", "p95 s",
+    "p99 s", "mean batch", "GPU util %", "peak GiB", "tok/s vs (a)", "tok/s vs (b)",
+]  # fmt: skip
+RATE_HEADER = [
+    "mode", "run", "offered req/s", "img/s", "out tok/s", "p50 s", "p95 s", "p99 s",
+    "mean batch", "GPU util %", "done/planned",
+]  # fmt: skip
+
+
+def rate_rows(results: dict) -> list[list[str]]:
+    """One row per run of every mode (closed loop and each arrival rate)."""
+    rows = []
+    for key in MODE_ORDER:
+        mode = results.get("modes", {}).get(key)
+        for s in (mode or {}).get("summaries", []):
+            rows.append(
+                [
+                    key,
+                    s["name"],
+                    _f(s.get("offered_rate"), "{:.2f}"),
+                    _f(s.get("images_per_s"), "{:.2f}"),
+                    _f(s.get("output_tokens_per_s")),
+                    _f(s.get("latency_p50_s")),
+                    _f(s.get("latency_p95_s")),
+                    _f(s.get("latency_p99_s")),
+                    _f(s.get("mean_batch")),
+                    _f(s.get("gpu_util_mean"), "{:.0f}"),
+                    f"{s.get('n_ok', 0)}/{s.get('n_planned', 0)}",
+                ]
+            )
+    return rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned table for the console."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def facts(results: dict) -> list[str]:
+    """The lines that say what was measured on what."""
+    meta, dev = results.get("meta", {}), results.get("device", {})
+    bw, model, wl = (
+        results.get("bandwidth") or {},
+        results.get("model") or {},
+        results.get("workload") or {},
+    )
+    lines = [
+        f"- card: {dev.get('name', '?')} ({_f(dev.get('total_memory'), '{:.1f}', 1 / GIB)} GiB), "
+        f"torch {meta.get('torch')}, transformers {meta.get('transformers')}, "
+        f"CUDA {meta.get('cuda')}, date {meta.get('date')}",
+        f"- command: `{meta.get('command', '?')}`",
+        f"- model: {model.get('kind')} random weights, "
+        f"{_f(model.get('parameters'), '{:.3f}', 1e-9)}B "
+        f"parameters, {_f(model.get('weight_bytes'), '{:.2f}', 1e-9)} GB "
+        f"({_f(model.get('decode_weight_bytes'), '{:.2f}', 1e-9)} GB read per decode step); "
+        f"built in {_f(model.get('build_s'))} s, saved in {_f(model.get('save_s'))} s",
+        f"- measured device-to-device bandwidth: {_f(bw.get('bytes_per_s'), '{:.0f}', 1e-9)} GB/s "
+        f"(read + write of a {_f(bw.get('size_bytes'), '{:.0f}', 1 / GIB)} GiB `copy_`)",
+        f"- workload: seed {wl.get('seed')}, tile {wl.get('tile_size')} px, 1-4 tiles, answer "
+        f"lengths 16-512 tokens x {wl.get('length_scale')} (mean "
+        f"{_f(wl.get('mean_answer_tokens'))}), forced (EOS unreachable), greedy",
+    ]
+    d = results.get("modes", {}).get("d", {})
+    if d.get("worker"):
+        w = d["worker"]
+        lines.append(
+            f"- (d) worker ready after {_f(w.get('ready_s'))} s (model load "
+            f"{_f(w.get('load_s'))} s, warm-up {_f(w.get('warmup_s'))} s)"
+        )
+    for key in MODE_ORDER:
+        mode = results.get("modes", {}).get(key, {})
+        if mode.get("load_s") is not None and key in ("nf4", "int8"):
+            lines.append(f"- {key}: loaded by `load_model` in {_f(mode['load_s'])} s")
+        floor = (mode.get("floor") or {}).get("at_batch")
+        if floor:
+            weights = _f(floor["weight_bytes"], "{:.2f}", 1e-9)
+            caches = _f(floor["cache_bytes"], "{:.2f}", 1e-9)
+            lines.append(
+                f"- {key}: bandwidth floor at its mean batch {_f(floor['batch'])}: "
+                f"{_f(floor['floor_ms'])} ms/step (weights {weights} GB + caches {caches} GB)"
+            )
+        if mode.get("status") not in (None, "ok"):
+            lines.append(
+                f"- {key}: {mode.get('status')}: {mode.get('reason') or mode.get('error')}"
+            )
+    return lines
+
+
+def markdown(results: dict) -> str:
+    """The whole Markdown report of a run."""
+    return "\n".join(
+        [
+            f"# vlmq benchmark: {results.get('device', {}).get('name', '?')}, "
+            f"{results.get('meta', {}).get('date', '?')}",
+            "",
+            *facts(results),
+            "",
+            "## Modes (saturating closed loop)",
+            "",
+            md_table(MODE_HEADER, mode_rows(results)),
+            "",
+            "## Every run (closed loop and arrival rates)",
+            "",
+            md_table(RATE_HEADER, rate_rows(results)),
+            "",
+            "Latency is end to end, from arrival to answer. The floor is the least time a decode "
+            "step can take: the bytes it must read over the measured bandwidth.",
+            "",
+        ]
+    )
+
+
+def console(results: dict) -> str:
+    """The tables as printed at the end of a run."""
+    return "\n".join(
+        [
+            *facts(results),
+            "",
+            text_table(MODE_HEADER, mode_rows(results)),
+            "",
+            text_table(RATE_HEADER, rate_rows(results)),
+        ]
+    )
+
+
+def merge(paths: Sequence[Path]) -> dict:
+    """Merge results of one card: the first file's facts, every file's modes (later win)."""
+    merged: dict = json.loads(paths[0].read_text())
+    for path in paths[1:]:
+        other = json.loads(path.read_text())
+        merged.setdefault("modes", {}).update(other.get("modes", {}))
+        merged.setdefault("merged_from", []).append(str(path))
+    add_ratios(merged)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``md RESULTS.json`` or ``merge OUT.json IN.json...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "md":
+        path = Path(argv[1])
+        results = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(results))
+        print(path.with_suffix(".md"))
+        return 0
+    if len(argv) >= 3 and argv[0] == "merge":
+        out = Path(argv[1])
+        results = merge([Path(p) for p in argv[2:]])
+        write_json(results, out)
+        out.with_suffix(".md").write_text(markdown(results))
+        print(out, out.with_suffix(".md"))
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

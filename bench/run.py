@@ -1,0 +1,950 @@
+"""``python -m bench``: every mode, one GPU, one run, within a deadline.
+
+Order: bandwidth, model build (on the GPU), (a), (b), (c) on the in-process model; then the
+model is saved (for ``from_pretrained``) and freed; then (d) with a worker process, then the
+nf4 and int8 loads through the project's ``load_model``. The results JSON is rewritten after
+every mode, so a crash or a kill keeps what was measured. Sizes come from flags and are cut
+to each mode's time budget using the step times measured on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.progress import elapsed, log, set_log_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results"
+ALL_MODES = ["a", "b", "c", "d", "nf4", "int8"]
+#: Seconds each mode may take at most, model loads included (the run's deadline still rules).
+BUDGETS = {"a": 30, "b": 60, "c": 100, "d": 130, "nf4": 75, "int8": 85}
+SMOKE_BUDGETS = {"a": 20, "b": 20, "c": 30, "d": 60, "nf4": 1, "int8": 1}
+#: Least seconds left on the deadline for a mode to start at all.
+MIN_START = {"a": 10, "b": 20, "c": 30, "d": 70, "nf4": 60, "int8": 60}
+SMOKE_MIN_START = {"a": 2, "b": 2, "c": 3, "d": 10, "nf4": 1, "int8": 1}
+
+
+def mf_saved_kind(path: Path | None) -> str | None:
+    from bench.model_factory import saved_kind
+
+    return saved_kind(path) if path is not None else None
+
+
+class SkipMode(Exception):
+    """A mode that cannot run here or now; the message says why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="vlmq GPU benchmark: modes a (generate, batch 1), b (static batches), "
+        "c (worker engine in process), d (producer -> Redis -> Celery worker), nf4, int8.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few requests (CI)")
+    p.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated modes to run")
+    p.add_argument(
+        "--model", choices=["11b", "mini", "tiny"], help="default: 11b (tiny if --smoke)"
+    )
+    p.add_argument("--device", help="default: cuda (cpu if --smoke)")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        help="where the model is saved for (d), nf4, int8 (default: /dev/shm/vlmq-bench-<model> "
+        "if that has room, else /tmp/vlmq-bench-<model>; reused when already there)",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length-scale", type=float, help="answer lengths x this (default 0.25)")
+    p.add_argument("--requests-a", type=int, help="requests for (a) (default 4)")
+    p.add_argument("--batches", type=int, help="closed-loop batches for b, c, d (default 2)")
+    p.add_argument("--requests-quant", type=int, help="requests for nf4/int8 (default: a batch)")
+    p.add_argument("--max-batch", type=int, help="batch size of b, c, d (default: largest fit)")
+    p.add_argument("--max-batch-cap", type=int, default=64, help="largest batch size tried")
+    p.add_argument("--max-wait-ms", type=int, default=50, help="the engine's batch wait")
+    p.add_argument("--rates-c", default="0.5,0.9", help="(c) arrival rates, x (c)'s capacity")
+    p.add_argument("--rates-d", default="0.5", help="(d) arrival rates, x (c)'s capacity")
+    p.add_argument("--rate-window-s", type=float, help="arrivals per rate last this long")
+    p.add_argument("--probe-tokens", type=int, help="decode steps timed at batch 1 (default 16)")
+    p.add_argument("--deadline-s", type=float, help="stop starting work after this (default 525)")
+    p.add_argument("--budget", default="", help="per-mode seconds, e.g. c=120,d=200")
+    p.add_argument(
+        "--redis-url", default=os.environ.get("VLMQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+    )
+    p.add_argument("--name", help="file stem of the outputs (default: <card>-<date>)")
+    return p
+
+
+def _defaults(args: argparse.Namespace) -> argparse.Namespace:
+    smoke = args.smoke
+    pick = lambda value, gpu, cpu: value if value is not None else (cpu if smoke else gpu)  # noqa: E731
+    args.model = pick(args.model, "11b", "tiny")
+    args.device = pick(args.device, "cuda", "cpu")
+    args.length_scale = pick(args.length_scale, 0.25, 1 / 16)
+    args.requests_a = pick(args.requests_a, 4, 3)
+    args.batches = pick(args.batches, 2, 2)
+    args.max_batch = pick(args.max_batch, None, 3)
+    if smoke and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_OUT / "tmp"  # git-ignored
+    args.rate_window_s = pick(args.rate_window_s, 10.0, 2.0)
+    args.probe_tokens = pick(args.probe_tokens, 16, 4)
+    args.deadline_s = pick(args.deadline_s, 525.0, 150.0)
+    budgets = dict(SMOKE_BUDGETS if smoke else BUDGETS)
+    for item in filter(None, args.budget.split(",")):
+        key, _, value = item.partition("=")
+        budgets[key.strip()] = float(value)
+    args.budgets = budgets
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - set(ALL_MODES)
+    if unknown:
+        raise SystemExit(f"bench: unknown mode(s) {sorted(unknown)}; choose from {ALL_MODES}")
+    return args
+
+
+def _rates(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"^nvidia\s+", "", text.strip(), flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+class Bench:
+    """One benchmark run; ``results`` is what goes to JSON."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t_start = time.time()
+        self.deadline = self.t_start + args.deadline_s - elapsed()
+        self.results: dict[str, Any] = {"modes": {}, "phases": []}
+        self.model = None
+        self.processor = None
+        self.sampler = None
+        self.model_dir: Path | None = args.model_dir
+        self._tmp = None
+        self.max_batch: int | None = args.max_batch
+        self.capacity_c: float | None = None
+        self.json_path: Path | None = None
+        self.skips: dict[str, str] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def save(self) -> None:
+        from bench import report
+
+        if self.sampler is not None:
+            self.results["timeline"] = self.sampler.to_dict()
+        report.add_ratios(self.results)
+        if self.json_path is not None:
+            report.write_json(self.results, self.json_path)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.time()
+        log(f"== {name} ({self.left():.0f} s left of the deadline)")
+        try:
+            yield
+        finally:
+            self.results["phases"].append({"name": name, "t0": t0, "t1": time.time()})
+            log(f"== {name} done in {time.time() - t0:.1f} s")
+
+    def mode_stop_at(self, key: str) -> float:
+        return min(time.time() + self.args.budgets.get(key, 60), self.deadline - 5)
+
+    # -- setup -----------------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        args = self.args
+        on_cuda = args.device.startswith("cuda")
+        if on_cuda and not torch.cuda.is_available():
+            raise SystemExit(
+                "bench: no CUDA GPU is visible (torch.cuda.is_available() is False; torch "
+                f"{torch.__version__}, built for CUDA {torch.version.cuda}). Run it on a CUDA "
+                "host, or use --smoke (tiny model on the CPU)."
+            )
+        if args.model == "11b" and not on_cuda:
+            raise SystemExit("bench: the 11B model needs --device cuda; use --model mini on a CPU")
+        if on_cuda:
+            props = torch.cuda.get_device_properties(0)
+            device = {
+                "name": props.name,
+                "total_memory": props.total_memory,
+                "capability": f"{props.major}.{props.minor}",
+                "uuid": str(getattr(props, "uuid", "")) or None,
+                "count": torch.cuda.device_count(),
+            }
+        else:
+            device = {"name": f"CPU ({platform.processor() or platform.machine()})",
+                      "total_memory": None, "cpus": os.cpu_count()}  # fmt: skip
+        self.results["device"] = device
+        date = datetime.date.today().isoformat()
+        stem = args.name or f"{'cpu-smoke' if args.smoke else _slug(device['name'])}-{date}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        self.json_path = args.out / f"{stem}.json"
+        set_log_file(args.out / f"{stem}.log")
+        self.results["meta"] = {
+            "command": "python -m bench " + shlex.join(sys.argv[1:]),
+            "date": date,
+            "started": self.t_start,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda,
+            "python": platform.python_version(),
+            "smoke": args.smoke,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }
+        log(f"device: {device['name']}; torch {torch.__version__}, transformers "
+            f"{transformers.__version__}; outputs {self.json_path.with_suffix('.*')}")  # fmt: skip
+        from bench.gpu_sampler import GpuSampler
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        self.sampler = GpuSampler(
+            index=int(visible) if visible.isdigit() else 0, uuid=device.get("uuid")
+        )
+        if on_cuda:
+            self.sampler.start()
+            log(f"GPU sampling: {self.sampler.source} {self.sampler.error or ''}")
+        else:
+            self.sampler.source = "none (CPU run)"
+        self.save()
+
+    def measure_bandwidth(self) -> None:
+        from bench.bandwidth import measure_copy_bandwidth
+
+        with self.phase("bandwidth"):
+            on_cuda = self.args.device.startswith("cuda")
+            bw = measure_copy_bandwidth(self.args.device, (2 << 30) if on_cuda else (128 << 20))
+            self.results["bandwidth"] = bw
+            log(f"device-to-device copy: {bw['bytes_per_s'] / 1e9:.0f} GB/s (read + write)")
+        self.save()
+
+    def prepare_workload(self) -> None:
+        from bench.model_factory import TILE_SIZES
+        from bench.workload import Workload, mean_answer_tokens
+
+        a = self.args
+        self.workload = Workload(
+            seed=a.seed, tile_size=TILE_SIZES[a.model], length_scale=a.length_scale
+        )
+        self.probe_spec = next(
+            (s for s in self.workload.requests(64) if s.tiles == 4), self.workload.request(0)
+        )
+        self._images: dict[int, bytes] = {}
+        self.results["workload"] = {
+            **self.workload.to_dict(),
+            "mean_answer_tokens": mean_answer_tokens(a.length_scale),
+            "probe_request": dataclasses.asdict(self.probe_spec),
+        }
+
+    def image_of(self, spec) -> bytes:
+        data = self._images.get(spec.index)
+        if data is None:
+            data = self._images[spec.index] = self.workload.image_bytes(spec)
+        return data
+
+    # -- the model -------------------------------------------------------------------
+    def active(self) -> list[str]:
+        return [m for m in self.args.modes if m not in self.skips]
+
+    def needs_inprocess(self) -> bool:
+        return any(m in self.active() for m in ("a", "b", "c"))
+
+    def needs_saved(self) -> bool:
+        return any(m in self.active() for m in ("d", "nf4", "int8"))
+
+    def preflight(self) -> None:
+        """Before any model is built: which modes this host cannot run, and where the model
+        will be saved. Those modes are skipped with the reason; nothing is spent on them."""
+        import importlib.util
+        import shutil
+
+        from bench import model_factory as mf
+
+        a = self.args
+        on_cuda = a.device.startswith("cuda")
+        if "d" in a.modes:
+            if importlib.util.find_spec("celery") is None:
+                self.skips["d"] = "celery is not installed"
+            else:
+                import redis
+
+                try:
+                    redis.Redis.from_url(a.redis_url, socket_connect_timeout=2).ping()
+                except (redis.RedisError, ValueError) as exc:
+                    self.skips["d"] = f"no Redis answers at {a.redis_url} ({exc})"
+        for key in ("nf4", "int8"):
+            if key not in a.modes:
+                continue
+            missing = [
+                m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None
+            ]
+            if not on_cuda:
+                self.skips[key] = "quantized weights need a CUDA GPU (bitsandbytes)"
+            elif missing:
+                self.skips[key] = (
+                    f"{' and '.join(missing)} not installed (transformers loads bitsandbytes "
+                    "weights only with both)"
+                )
+        if self.needs_saved() and a.model != "tiny":
+            need = 23e9 if a.model == "11b" else 1e9
+            if a.model_dir is None:
+                ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                shm = Path("/dev/shm")
+                shm_ok = shm.is_dir() and shutil.disk_usage(shm).free > need and ram - need > 64e9
+                base = shm if shm_ok else Path(tempfile.gettempdir())
+                self.model_dir = base / f"vlmq-bench-{a.model}"
+            if mf.saved_kind(self.model_dir) != a.model:
+                parent = self.model_dir if self.model_dir.exists() else self.model_dir.parent
+                free = shutil.disk_usage(parent).free
+                if free < need:
+                    for key in ("d", "nf4", "int8"):
+                        self.skips.setdefault(
+                            key,
+                            f"{free / 1e9:.0f} GB free at {parent}; the model needs "
+                            f"{need / 1e9:.0f}",
+                        )
+        for key, reason in self.skips.items():
+            if key in a.modes:
+                log(f"{key} will be skipped: {reason}")
+        self.results["preflight"] = {"skips": self.skips, "model_dir": str(self.model_dir)}
+
+    def load_inprocess_model(self) -> None:
+        import torch
+
+        from bench import model_factory as mf
+
+        a = self.args
+        info: dict[str, Any] = {"kind": a.model}
+        with self.phase("model"):
+            t0 = time.perf_counter()
+            if a.model == "tiny":
+                from worker.model.loading import load_model
+
+                self._tmp = tempfile.TemporaryDirectory(prefix="vlmq-bench-tiny-")
+                self.model_dir = mf.prepare_tiny(Path(self._tmp.name))
+                self.model, self.processor = load_model(
+                    str(self.model_dir), precision="fp32", device=a.device
+                )
+                info["saved"] = True
+            else:
+                config = mf.build_config(a.model)
+                log(f"building {a.model} with random weights on {a.device}: {mf.describe(config)}")
+                dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+                self.model = mf.build_random_model(
+                    config, device=a.device, dtype=dtype, seed=a.seed
+                )
+                self.processor = mf.build_processor(mf.TILE_SIZES[a.model])
+                if a.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+            info["build_s"] = time.perf_counter() - t0
+            wb = mf.weight_bytes(self.model)
+            info.update(
+                parameters=mf.count_parameters(self.model),
+                weight_bytes=wb["total"],
+                decode_weight_bytes=wb["decode"],
+                dtype=str(next(self.model.parameters()).dtype),
+                cache=mf.cache_bytes(self.model.config, 2 if a.device.startswith("cuda") else 4),
+                architecture=mf.describe(self.model.config),
+            )
+            mf.log_model(self.model, f"model built in {info['build_s']:.1f} s")
+        self.results["model"] = info
+        self.save()
+
+    def save_model_for_loading(self) -> None:
+        from bench import model_factory as mf
+
+        if self.model_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="vlmq-bench-")
+            self.model_dir = Path(self._tmp.name)
+        if mf.saved_kind(self.model_dir) == self.args.model:
+            log(f"reusing the {self.args.model} model already saved in {self.model_dir}")
+            info = self.results.setdefault("model", {"kind": self.args.model})
+            info.update(save_s=None, reused_dir=str(self.model_dir))
+            if "cache" not in info:
+                info.update(mf.describe_saved(self.model_dir))
+            return
+        if self.model is None:
+            self.load_inprocess_model()
+        with self.phase("save"):
+            log(f"saving the model to {self.model_dir} (for from_pretrained)")
+            seconds = mf.save_bench_model(
+                self.model, self.processor, self.model_dir, self.args.model
+            )
+            size = sum(f.stat().st_size for f in self.model_dir.iterdir() if f.is_file())
+            log(f"saved {size / 1e9:.1f} GB in {seconds:.1f} s ({size / seconds / 1e9:.2f} GB/s)")
+            self.results["model"].update(save_s=seconds, saved_bytes=size, dir=str(self.model_dir))
+        self.save()
+
+    def free_model(self) -> None:
+        import torch
+
+        self.model = None
+        self.processor = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            log(f"model freed; {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated")
+
+    # -- helpers for modes ------------------------------------------------------------
+    def peak_memory(self, t0: float, t1: float, inprocess: bool) -> dict:
+        import torch
+
+        out: dict[str, Any] = {}
+        if inprocess and torch.cuda.is_available():
+            out["torch_peak_allocated"] = torch.cuda.max_memory_allocated()
+            out["torch_peak_reserved"] = torch.cuda.max_memory_reserved()
+        nvml = self.sampler.window(t0, t1) if self.sampler else {}
+        out["nvml_peak_used"] = nvml.get("mem_peak")
+        out["peak_bytes"] = out.get("nvml_peak_used") or out.get("torch_peak_reserved")
+        return out
+
+    def reset_peak(self) -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def summarize(self, key: str, runs: list, t0: float, inprocess: bool) -> None:
+        from bench import report
+
+        mode = self.results["modes"][key]
+        mode["runs"] = [r.to_dict() if hasattr(r, "to_dict") else r for r in runs]
+        mode["summaries"] = [report.summarize_run(r, self.sampler.window) for r in mode["runs"]]
+        mode["peak_mem"] = self.peak_memory(t0, time.time(), inprocess)
+        self.floors(key)
+        bad = [s for s in mode["summaries"] if s["n_failed"] or s["n_short"] or s["stopped_early"]]
+        mode["status"] = "partial" if bad else "ok"
+        h = report.headline(mode)
+        if h:
+            log(
+                f"{key}: {h['output_tokens_per_s']:.1f} tok/s, {h['images_per_s']:.2f} img/s, "
+                f"p50 {h['latency_p50_s']:.2f} s, p99 {h['latency_p99_s']:.2f} s, "
+                f"mean batch {h['mean_batch']:.1f}, {h['n_ok']}/{h['n_planned']} answered"
+            )
+
+    def floors(self, key: str) -> None:
+        from bench import report
+        from bench.bandwidth import decode_floor_ms
+
+        bw = (self.results.get("bandwidth") or {}).get("bytes_per_s")
+        mode = self.results["modes"][key]
+        model = self.results.get("model") or {}
+        weights = mode.get("decode_weight_bytes") or model.get("decode_weight_bytes")
+        cache = model.get("cache")
+        if not (bw and weights and cache):
+            return
+        h = report.headline(mode) or {}
+        context = (h.get("mean_prompt_tokens") or 40) + (h.get("mean_answer_tokens") or 0) / 2
+        kw = dict(
+            weight_bytes=weights,
+            cross_bytes_per_image=cache["cross_per_image"],
+            self_bytes_per_token=cache["self_per_token"],
+            context_tokens=context,
+            bytes_per_s=bw,
+        )
+        mode["floor"] = {"batch1": decode_floor_ms(batch=1, **kw)}
+        if h.get("mean_batch"):
+            mode["floor"]["at_batch"] = decode_floor_ms(batch=h["mean_batch"], **kw)
+
+    def start_mode(self, key: str, label: str) -> dict:
+        from bench.report import MODE_LABELS
+
+        mode = {"label": MODE_LABELS.get(key, label), "status": "running", "started": time.time()}
+        self.results["modes"][key] = mode
+        if key in self.skips:
+            raise SkipMode(self.skips[key])
+        need = (SMOKE_MIN_START if self.args.smoke else MIN_START)[key]
+        if self.left() < need:
+            raise SkipMode(f"deadline: {self.left():.0f} s left, this mode needs {need} s or more")
+        return mode
+
+    def run_mode(self, key: str, fn) -> None:
+        t0 = time.time()
+        try:
+            with self.phase(f"mode {key}"):
+                fn(key)
+        except SkipMode as exc:
+            self.results["modes"][key].update(status="skipped", reason=str(exc))
+            log(f"{key}: skipped: {exc}")
+        except (KeyboardInterrupt, SystemExit):
+            self.results["modes"].setdefault(key, {}).update(status="interrupted")
+            self.save()
+            raise
+        except Exception as exc:
+            self.results["modes"].setdefault(key, {}).update(
+                status="failed",
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+            )
+            log(f"{key}: FAILED: {type(exc).__name__}: {exc}")
+            log(traceback.format_exc(limit=6))
+            self.reset_peak()
+        finally:
+            self.results["modes"].setdefault(key, {})["seconds"] = time.time() - t0
+            self.save()
+
+    def sized_by_time(self, lengths: list[int], per_item, budget_s: float, least: int) -> int:
+        """How many of the items (in order) fit ``budget_s`` by the estimate ``per_item``."""
+        spent, n = 0.0, 0
+        for length in lengths:
+            spent += per_item(length)
+            if spent > budget_s and n >= least:
+                break
+            n += 1
+        return n
+
+    # -- modes -------------------------------------------------------------------------
+    def mode_a(self, key: str) -> None:
+        from bench.modes import GenerateServer, Schedule, drive, probe_step_ms, warm_up
+
+        mode = self.start_mode(key, "a")
+        stop_at = self.mode_stop_at(key)
+        self.reset_peak()
+        t0 = time.time()
+        server = GenerateServer(self.model, self.processor, 1, "(a)")
+        data = self.image_of(self.probe_spec)
+        mode["warmup_s"] = warm_up(server, self.probe_spec, data)
+        probe = probe_step_ms(server, self.probe_spec, data, k=self.args.probe_tokens)
+        mode["probe"] = probe
+        log(f"a: batch 1: {probe['step_ms']:.1f} ms per decode step, first token "
+            f"{probe['first_token_ms']:.0f} ms")  # fmt: skip
+        specs = self.workload.requests(self.args.requests_a)
+        per = lambda n: (probe["first_token_ms"] + (n - 1) * probe["step_ms"]) / 1000.0  # noqa: E731
+        n = self.sized_by_time([s.answer_tokens for s in specs], per, stop_at - time.time(), 2)
+        if n < len(specs):
+            log(f"a: {n} of {len(specs)} requests fit the budget")
+        run = drive(
+            server, specs[:n], self.image_of, Schedule.closed(2), name="closed", stop_at=stop_at
+        )
+        self.summarize(key, [run], t0, True)
+
+    def fit_batch(self) -> dict:
+        """The largest batch (power of two up to the cap) whose worst case fits in memory,
+        with its prefill and step times."""
+        import torch
+
+        from bench.modes import GenerateServer, Job
+
+        a = self.args
+        cache = self.results["model"]["cache"]
+        total = torch.cuda.get_device_properties(0).total_memory
+        longest = max(s.answer_tokens for s in self.workload.requests(200))
+        data = self.image_of(self.probe_spec)
+        k = 8
+        tried = []
+        b = 1 << (max(1, a.max_batch_cap).bit_length() - 1)
+        while b >= 1:
+            server = GenerateServer(self.model, self.processor, b, f"(b) fit {b}")
+            self.reset_peak()
+            entry: dict[str, Any] = {"batch": b}
+            try:
+                times = []
+                for tokens in (1, 1 + k):
+                    spec = dataclasses.replace(self.probe_spec, answer_tokens=tokens)
+                    jobs = [Job(spec, data, time.time()) for _ in range(b)]
+                    t = time.perf_counter()
+                    server.serve(jobs)
+                    times.append(time.perf_counter() - t)
+                peak = torch.cuda.max_memory_reserved()
+                growth = b * cache["self_per_token"] * (longest + 64)
+                entry.update(
+                    first_token_s=times[0],
+                    step_ms=(times[1] - times[0]) / k * 1000.0,
+                    peak_reserved=peak,
+                    need=peak + growth,
+                    fits=peak + growth <= 0.92 * total,
+                )
+            except Exception as exc:  # OOM, or a cuBLAS/cuDNN allocation failure
+                entry.update(fits=False, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+            tried.append(entry)
+            gc.collect()
+            torch.cuda.empty_cache()
+            log(f"b: batch {b}: " + ("fits" if entry["fits"] else "does not fit") + (
+                f", first token {entry['first_token_s']:.2f} s, {entry['step_ms']:.1f} ms/step, "
+                f"need {entry['need'] / 2**30:.1f} GiB" if "need" in entry else ""))  # fmt: skip
+            if entry["fits"]:
+                return {"batch": b, "tried": tried, **entry}
+            b //= 2
+        raise RuntimeError("not even a batch of 1 fits in GPU memory")
+
+    def ensure_batch(self) -> int:
+        """The batch size of b, c, d and the quantized modes: ``--max-batch``, else the
+        largest that fits (found once, on the in-process model), else 16 (4 on a CPU)."""
+        if self.max_batch is None:
+            if self.args.device.startswith("cuda") and self.model is not None:
+                self.results["batch_fit"] = self.fit_batch()
+                self.max_batch = self.results["batch_fit"]["batch"]
+            else:
+                self.max_batch = 16 if self.args.device.startswith("cuda") else 4
+            self.save()
+        return self.max_batch
+
+    def batch_estimate(self, key: str) -> float | None:
+        """Seconds one full batch takes, by the fit probe (if it ran)."""
+        fit = self.results.get("batch_fit")
+        if not fit or "step_ms" not in fit:
+            return None
+        longest = max(s.answer_tokens for s in self.workload.requests(self.max_batch or 1))
+        return fit["first_token_s"] + longest * fit["step_ms"] / 1000.0
+
+    def mode_b(self, key: str) -> None:
+        from bench.modes import GenerateServer, Schedule, drive, probe_step_ms, warm_up
+
+        mode = self.start_mode(key, "b")
+        stop_at = self.mode_stop_at(key)
+        b = self.ensure_batch()
+        mode["batch"] = b
+        log(f"b: static batches of {b}")
+        self.reset_peak()
+        t0 = time.time()
+        a_probe = (self.results["modes"].get("a") or {}).get("probe")
+        if a_probe:
+            mode["probe"] = {**a_probe, "note": "the same generate path as (a) at batch 1"}
+        else:
+            one = GenerateServer(self.model, self.processor, 1, "(b) probe")
+            data = self.image_of(self.probe_spec)
+            warm_up(one, self.probe_spec, data)
+            mode["probe"] = probe_step_ms(one, self.probe_spec, data, k=self.args.probe_tokens)
+        batches = self.args.batches
+        est = self.batch_estimate(key)
+        if est:
+            fit_n = max(1, int((stop_at - time.time()) // est))
+            if fit_n < batches:
+                log(f"b: {fit_n} of {batches} batches fit the budget (about {est:.0f} s each)")
+                batches = fit_n
+        server = GenerateServer(self.model, self.processor, b, "(b)")
+        specs = self.workload.requests(batches * b)
+        run = drive(
+            server, specs, self.image_of, Schedule.closed(2 * b), name="closed", stop_at=stop_at
+        )
+        self.summarize(key, [run], t0, True)
+
+    def engine(self, model, processor, label: str):
+        from bench.modes import EngineServer, MemoryImages
+        from producer.protocol import Limits
+        from worker.executor import BatchExecutor
+        from worker.model.runner import MllamaRunner
+
+        runner = MllamaRunner(model, processor)
+        images = MemoryImages()
+        executor = BatchExecutor(runner, images, Limits(), f"bench-{self.args.model}")
+        server = EngineServer(
+            executor, images, self.ensure_batch(), self.args.max_wait_ms / 1000.0, label
+        )
+        return runner, server
+
+    def closed_and_rates(self, key: str, server, rates: list[float], stop_at: float) -> list:
+        from bench.modes import Schedule, drive
+        from bench.report import summarize_run
+        from bench.workload import poisson_arrivals
+
+        b = server.max_batch
+        batches = self.args.batches
+        est = self.batch_estimate(key)
+        if est:
+            room = stop_at - time.time() - (len(rates) * (self.args.rate_window_s + est))
+            batches = max(1, min(batches, int(room // est)))
+        specs = self.workload.requests(batches * b)
+        runs = [
+            drive(
+                server, specs, self.image_of, Schedule.closed(2 * b), name="closed", stop_at=stop_at
+            )
+        ]
+        capacity = summarize_run(runs[0].to_dict()).get("images_per_s")
+        if key == "c":
+            self.capacity_c = capacity
+        for fraction in rates:
+            base = self.capacity_c or capacity
+            if not base:
+                break
+            if time.time() + self.args.rate_window_s > stop_at:
+                log(f"{key}: no time left for rate x{fraction}")
+                break
+            rate = fraction * base
+            n = max(3, round(rate * self.args.rate_window_s))
+            offsets = poisson_arrivals(n, rate, self.args.seed)
+            arrivals_s = max(offsets[-1], self.args.rate_window_s) + 1.0
+            runs.append(
+                drive(
+                    server,
+                    self.workload.requests(n),
+                    self.image_of,
+                    Schedule.poisson(offsets, rate),
+                    name=f"poisson x{fraction:g} ({rate:.2f}/s)",
+                    stop_at=min(stop_at, time.time() + arrivals_s),
+                )
+            )
+        return runs
+
+    def mode_c(self, key: str) -> None:
+        from bench.modes import probe_step_ms
+
+        mode = self.start_mode(key, "c")
+        stop_at = self.mode_stop_at(key)
+        self.ensure_batch()
+        self.reset_peak()
+        t0 = time.time()
+        runner, server = self.engine(self.model, self.processor, "(c)")
+        t = time.perf_counter()
+        runner.warmup()
+        mode["warmup_s"] = time.perf_counter() - t
+        mode["batch"] = server.max_batch
+        mode["max_wait_ms"] = self.args.max_wait_ms
+        mode["probe"] = probe_step_ms(
+            server, self.probe_spec, self.image_of(self.probe_spec), k=self.args.probe_tokens
+        )
+        log(f"c: batch 1: {mode['probe']['step_ms']:.1f} ms per decode step")
+        runs = self.closed_and_rates(key, server, _rates(self.args.rates_c), stop_at)
+        self.summarize(key, runs, t0, True)
+
+    def mode_d(self, key: str) -> None:
+        from bench.report import summarize_run
+        from bench.system import SystemConfig, WorkerProcess, flush_redis, run_loadgen
+        from bench.workload import poisson_arrivals
+
+        mode = self.start_mode(key, "d")
+        stop_at = self.mode_stop_at(key)
+        a = self.args
+        if self.model_dir is None:
+            raise SkipMode("no saved model to load")
+        b = self.ensure_batch()
+        on_cuda = a.device.startswith("cuda")
+        flush_redis(a.redis_url)
+        config = SystemConfig(
+            redis_url=a.redis_url,
+            model_dir=self.model_dir,
+            device="cuda" if on_cuda else "cpu",
+            precision="bf16" if on_cuda else "fp32",
+            max_batch=b,
+            max_wait_ms=a.max_wait_ms,
+            out_dir=a.out,
+        )
+        mode.update(batch=b, max_wait_ms=a.max_wait_ms)
+        self.reset_peak()
+        t0 = time.time()
+        worker = WorkerProcess(config)
+        try:
+            worker.start()
+            ready_s = worker.wait_ready(max(10.0, stop_at - time.time()))
+            mode["worker"] = {"ready_s": ready_s, **worker.timings()}
+            log(f"d: worker ready in {ready_s:.1f} s ({worker.timings()})")
+            self.save()
+            est = self.batch_estimate(key)
+            batches = a.batches
+            if est:
+                rates_time = len(_rates(a.rates_d)) * (a.rate_window_s + est)
+                batches = max(1, min(batches, int((stop_at - time.time() - rates_time) // est)))
+            timeout = max(30.0, stop_at - time.time() + 60)
+            runs = [
+                {"name": "probe", "schedule": "probe", "k": a.probe_tokens,
+                 "index": self.probe_spec.index, "repeats": 2},
+                {"name": "closed", "schedule": "closed", "n": batches * b,
+                 "concurrency": 2 * b, "max_s": max(1.0, stop_at - time.time())},
+            ]  # fmt: skip
+            logs, probe = run_loadgen(
+                config,
+                self.workload.to_dict(),
+                runs,
+                stop_at=stop_at + 30,
+                timeout_s=timeout,
+                alive=worker.alive,
+            )
+            mode["probe"] = probe
+            capacity = self.capacity_c
+            if capacity is None and logs:
+                capacity = summarize_run(logs[0].to_dict()).get("images_per_s")
+            rate_runs = []
+            for fraction in _rates(a.rates_d):
+                if not capacity or time.time() + a.rate_window_s > stop_at:
+                    break
+                rate = fraction * capacity
+                n = max(3, round(rate * a.rate_window_s))
+                arrivals_s = max(poisson_arrivals(n, rate, a.seed)[-1], a.rate_window_s) + 1.0
+                rate_runs.append(
+                    {
+                        "name": f"poisson x{fraction:g} ({rate:.2f}/s)",
+                        "schedule": "poisson",
+                        "rate": rate,
+                        "n": n,
+                        "max_s": min(arrivals_s, max(1.0, stop_at - time.time())),
+                        "seed": a.seed,
+                    }
+                )
+            if rate_runs:
+                more, _ = run_loadgen(
+                    dataclasses.replace(config, tag="d-rates"),
+                    self.workload.to_dict(),
+                    rate_runs,
+                    stop_at=stop_at + 30,
+                    timeout_s=timeout,
+                    alive=worker.alive,
+                )
+                logs += more
+        finally:
+            code = worker.stop(30.0)
+            mode.setdefault("worker", {})["exit_code"] = code
+        self.summarize(key, logs, t0, False)
+
+    def mode_quant(self, key: str) -> None:
+        import torch
+
+        from bench.model_factory import weight_bytes
+        from worker.model.loading import load_model
+
+        mode = self.start_mode(key, key)
+        if not self.args.device.startswith("cuda"):
+            raise SkipMode("quantized weights need a CUDA GPU (bitsandbytes)")
+        if self.model_dir is None:
+            raise SkipMode("no saved model to load")
+        stop_at = self.mode_stop_at(key)
+        self.free_model()
+        self.reset_peak()
+        t0 = time.time()
+        t = time.perf_counter()
+        # Held on self (not in locals) so free_model() really frees it, even after an error.
+        self.model, self.processor = load_model(str(self.model_dir), precision=key, device="cuda")
+        torch.cuda.synchronize()
+        mode["load_s"] = time.perf_counter() - t
+        wb = weight_bytes(self.model)
+        mode.update(weight_bytes=wb["total"], decode_weight_bytes=wb["decode"])
+        log(f"{key}: loaded in {mode['load_s']:.1f} s, weights {wb['total'] / 1e9:.2f} GB")
+        try:
+            runs = self._quant_runs(key, mode, stop_at)
+            self.summarize(key, runs, t0, True)
+        finally:
+            self.free_model()
+
+    def _quant_runs(self, key: str, mode: dict, stop_at: float) -> list:
+        from bench.modes import Schedule, drive, probe_step_ms
+
+        runner, server = self.engine(self.model, self.processor, f"({key})")
+        runner.warmup()
+        mode["batch"] = server.max_batch
+        mode["probe"] = probe_step_ms(
+            server, self.probe_spec, self.image_of(self.probe_spec), k=self.args.probe_tokens
+        )
+        step = mode["probe"]["step_ms"]
+        log(f"{key}: batch 1: {step:.1f} ms per decode step")
+        n = self.args.requests_quant or server.max_batch
+        est = self.batch_estimate(key)
+        bf16_probe = (self.results["modes"].get("c") or {}).get("probe") or {}
+        if est and bf16_probe.get("step_ms"):
+            # The bf16 batch estimate, scaled by this precision's step-time ratio.
+            est *= max(1.0, step / bf16_probe["step_ms"])
+            room = stop_at - time.time()
+            if est > room and n > 2:
+                n = max(2, int(n * room / est))
+                log(f"{key}: {n} requests fit the budget (a batch takes about {est:.0f} s)")
+        specs = self.workload.requests(n)
+        schedule = Schedule.closed(2 * server.max_batch)
+        return [drive(server, specs, self.image_of, schedule, name="closed", stop_at=stop_at)]
+
+    # -- the run -----------------------------------------------------------------------
+    def run(self) -> int:
+        self.setup()
+        self.prepare_workload()
+        self.preflight()
+        self.measure_bandwidth()
+        modes = self.args.modes
+        if self.needs_inprocess() or (self.needs_saved() and self.args.model == "tiny"):
+            self.load_inprocess_model()
+        for key, fn in (("a", self.mode_a), ("b", self.mode_b), ("c", self.mode_c)):
+            if key in modes:
+                self.run_mode(key, fn)
+        if self.needs_saved():
+            self.results.setdefault("model", {"kind": self.args.model})
+            saved = mf_saved_kind(self.model_dir) == self.args.model
+            least = min(MIN_START[k] for k in ("d", "nf4", "int8") if k in self.active())
+            if not saved and not self.args.smoke and self.left() < least + 45:
+                for key in ("d", "nf4", "int8"):
+                    self.skips.setdefault(key, "deadline: no time left to save the model")
+            else:
+                try:
+                    self.save_model_for_loading()
+                except Exception as exc:
+                    log(f"saving the model failed: {type(exc).__name__}: {exc}")
+                    self.results["model"]["save_error"] = f"{type(exc).__name__}: {exc}"
+                    for key in ("d", "nf4", "int8"):
+                        self.skips.setdefault(key, f"the model could not be saved: {exc}")
+        self.free_model()
+        if "d" in modes:
+            self.run_mode("d", self.mode_d)
+        for key in ("nf4", "int8"):
+            if key in modes:
+                self.run_mode(key, self.mode_quant)
+        return self.finish()
+
+    def finish(self) -> int:
+        from bench import report
+
+        self.results["meta"]["finished"] = time.time()
+        self.results["meta"]["wall_s"] = time.time() - self.t_start
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.save()
+        assert self.json_path is not None
+        self.json_path.with_suffix(".md").write_text(report.markdown(self.results))
+        print(report.console(self.results), flush=True)
+        log(f"results: {self.json_path} and {self.json_path.with_suffix('.md')}")
+        try:
+            from bench.plot import plot_all
+
+            for path in plot_all(self.json_path):
+                log(f"plot: {path}")
+        except ImportError as exc:
+            log(f"no plots here ({exc}); draw them with: python -m bench.plot {self.json_path}")
+        except Exception as exc:
+            log(f"plotting failed ({type(exc).__name__}: {exc}); the JSON is complete")
+        failed = [k for k, m in self.results["modes"].items() if m.get("status") == "failed"]
+        return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit 0 when no mode failed (skipped modes are not failures)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _defaults(build_parser().parse_args(argv))
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    bench = Bench(args)
+    try:
+        return bench.run()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        with contextlib.suppress(Exception):
+            bench.results.setdefault("meta", {})["wall_s"] = time.time() - bench.t_start
+            if bench.sampler is not None:
+                bench.sampler.stop()
+            bench.save()
