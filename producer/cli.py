@@ -72,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run the GPU worker",
         description="Run the GPU worker. Arguments after -- go to the celery worker.",
     )
-    worker.add_argument("--gpu", type=int, metavar="N", help="CUDA device index")
+    pinned = worker.add_mutually_exclusive_group()
+    pinned.add_argument("--gpu", type=int, metavar="N", help="CUDA device index")
+    pinned.add_argument(
+        "--gpus", metavar="all|0,1,…", help="one pinned worker process per listed GPU"
+    )
     worker.add_argument("--loglevel", default="info")
     worker.add_argument("extra", nargs=argparse.REMAINDER, help="-- then celery worker options")
     worker.set_defaults(run=_worker)

@@ -1,6 +1,11 @@
 """Several workers on one Redis, and routing by served model."""
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import pytest
@@ -8,8 +13,9 @@ from PIL import Image
 
 from producer.client import Client
 from producer.config import Settings, make_celery_app
-from producer.errors import WrongModel
+from producer.errors import ConfigurationError, WrongModel
 from producer.protocol import TASK_NAME, AnalysisRequest, model_queue, served_model_id
+from worker.cli import parse_gpus, supervise
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +62,50 @@ def test_tasks_are_routed_by_served_model(start_worker, redis_url, tiny_model_di
     )
     with pytest.raises(WrongModel, match=r"some-other-model\.bf16"):
         wrong.get(timeout=60)
+
+
+def test_parse_gpus():
+    assert parse_gpus("all", count_gpus=lambda: 3) == ["0", "1", "2"]
+    assert parse_gpus("0, 2") == ["0", "2"]
+    for bad in ("", "0,0", "x", "1,-1"):
+        with pytest.raises(ConfigurationError, match="--gpus"):
+            parse_gpus(bad)
+    with pytest.raises(ConfigurationError, match="no GPU"):
+        parse_gpus("all", count_gpus=lambda: 0)
+
+
+def test_supervisor_stops_every_child_when_one_exits():
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    started = time.monotonic()
+    assert supervise({"0": sleeper, "1": failing}) == 3
+    assert time.monotonic() - started < 30
+
+
+def test_vlmq_worker_gpus_starts_one_named_worker_per_gpu(redis_url, tiny_model_dir, tmp_path):
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "VLMQ_MODEL": str(tiny_model_dir),
+        "VLMQ_DEVICE": "cpu",
+        "VLMQ_PRECISION": "fp32",
+    }
+    log = (tmp_path / "workers.log").open("wb")
+    argv = [sys.executable, "-c", "from producer.cli import main; raise SystemExit(main())"]
+    parent = subprocess.Popen(
+        [*argv, "worker", "--gpus", "0,1", "--loglevel", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        app = make_celery_app(Settings.from_env({"REDIS_URL": redis_url}))
+        names: set[str] = set()
+        deadline = time.monotonic() + 90
+        while len(names) < 2 and time.monotonic() < deadline:
+            names = {name for reply in app.control.ping(timeout=1) for name in reply}
+        assert {n.split("@")[0] for n in names} == {"vlmq-gpu0", "vlmq-gpu1"}
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(60) == 0
+        log.close()

@@ -1,34 +1,97 @@
-"""``vlmq worker``: the plain Celery worker command, pinned to one GPU."""
+"""``vlmq worker``: the plain Celery worker command, one pinned process per GPU."""
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
+import time
+
+from producer.errors import ConfigurationError
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
-def celery_worker_argv(gpu: int | None, loglevel: str, extra: list[str]) -> list[str]:
-    """The ``celery worker`` command line that ``vlmq worker`` runs."""
+def celery_worker_argv(gpu: str | None, loglevel: str, extra: list[str]) -> list[str]:
+    """The ``celery worker`` command line that ``vlmq worker`` runs for one GPU."""
     node = f"vlmq-gpu{gpu}@%h" if gpu is not None else "vlmq@%h"
     return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        "--pool=solo",
-        f"--loglevel={loglevel}",
-        "-n",
-        node,
-        *extra,
-    ]
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+        "--pool=solo", f"--loglevel={loglevel}", "-n", node, *extra,
+    ]  # fmt: skip
+
+
+def parse_gpus(spec: str, count_gpus=None) -> list[str]:
+    """``all`` or a comma-separated list of GPU indices → the list of indices."""
+    if spec.strip().lower() == "all":
+        count = (count_gpus or _count_gpus)()
+        if count == 0:
+            raise ConfigurationError("--gpus all: NVML sees no GPU on this host")
+        return [str(i) for i in range(count)]
+    gpus = [part.strip() for part in spec.split(",") if part.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise ConfigurationError(f"--gpus takes 'all' or distinct indices like 0,1,3; got {spec!r}")
+    return gpus
 
 
 def worker_command(args: argparse.Namespace) -> int:
-    """Replace this process with ``celery -A worker.app worker`` (never returns on success)."""
-    env = dict(os.environ)
-    if args.gpu is not None:
-        env["VLMQ_GPU"] = str(args.gpu)
+    """Run ``celery -A worker.app worker`` pinned to ``--gpu``, or one per GPU of ``--gpus``."""
     extra = [a for a in (args.extra or []) if a != "--"]
-    argv = celery_worker_argv(args.gpu, args.loglevel, extra)
-    os.execve(sys.executable, argv, env)
-    return 1
+    gpus = parse_gpus(args.gpus) if args.gpus else [None if args.gpu is None else str(args.gpu)]
+    if len(gpus) == 1:
+        env = _env_for(gpus[0])
+        os.execve(sys.executable, celery_worker_argv(gpus[0], args.loglevel, extra), env)
+    return supervise({gpu: celery_worker_argv(gpu, args.loglevel, extra) for gpu in gpus})
+
+
+def supervise(commands: dict[str, list[str]]) -> int:
+    """Start one worker per GPU; forward stop signals; if one exits, stop the others.
+
+    Returns the exit status of the child that ended first, else the first non-zero
+    one, else 0. A service manager
+    (systemd, Kubernetes) then restarts the whole set.
+    """
+    children = {gpu: subprocess.Popen(argv, env=_env_for(gpu)) for gpu, argv in commands.items()}
+
+    stopping: list[int] = []
+
+    def forward(signum, _frame):
+        stopping.append(signum)
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        while all(child.poll() is None for child in children.values()):
+            time.sleep(0.5)
+        first = next(child for child in children.values() if child.poll() is not None)
+        if not stopping:  # a second SIGTERM would cut the others' warm shutdown short
+            forward(signal.SIGTERM, None)
+        codes = [child.wait() for child in children.values()]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return first.returncode or next((code for code in codes if code), 0)
+
+
+def _env_for(gpu: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if gpu is not None:
+        env["VLMQ_GPU"] = gpu
+    return env
+
+
+def _count_gpus() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:
+        raise ConfigurationError(
+            f"--gpus all needs NVML (nvidia-ml-py and a driver): {exc}"
+        ) from exc
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
