@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from reliability_support import RedisServer, ResultWrites
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,3 +124,21 @@ def start_worker(
     yield start
     for worker in workers:
         worker.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private ``redis-server`` (persisted as in compose.yaml) that a test may kill and start
+    again; the shared Redis is never restarted."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def result_writes(private_redis: RedisServer) -> Iterator[ResultWrites]:
+    """Counts every result stored in ``private_redis``, per task id."""
+    writes = ResultWrites(private_redis.url())
+    yield writes
+    writes.close()

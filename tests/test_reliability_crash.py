@@ -1,0 +1,94 @@
+"""A worker killed with SIGKILL in the middle of a batch: every task still completes once the
+next worker starts, and every result is written exactly once (at-least-once delivery,
+exactly-once results)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from reliability_support import image, unacked_count, wait_for
+
+from producer.client import Client
+from producer.config import Settings, make_celery_app
+from producer.protocol import TASK_NAME
+
+pytestmark = pytest.mark.integration
+
+VISIBILITY_S = 6
+WORKER_ENV = {
+    "VLMQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+    "VLMQ_MAX_BATCH_SIZE": "8",
+    "VLMQ_MAX_WAIT_MS": "50",
+    "VLMQ_MAX_NEW_TOKENS": "48",
+}
+
+
+def test_sigkill_mid_batch_loses_nothing_and_writes_each_result_once(
+    start_worker, private_redis, result_writes
+):
+    url = private_redis.url()
+    settings = Settings(redis_url=url, visibility_timeout_s=VISIBILITY_S)
+    client = Client(settings)
+    worker = start_worker(REDIS_URL=url, **WORKER_ENV)
+    handles = client.submit_many(
+        {"image": image(i), "question": f"Task {i}: what is it?", "max_new_tokens": 40}
+        for i in range(40)
+    )
+    ids = [h.id for h in handles]
+    r = private_redis.client()
+
+    def mid_batch() -> bool:
+        # Results exist, and some task has reached the model (its attempt is counted) but
+        # has no result yet: a batch is running.
+        done = set(result_writes.counts())
+        running = [i for i in ids if i not in done and r.exists(f"vlmq:attempts:{i}")]
+        return len(done) >= 8 and bool(running)
+
+    wait_for(mid_batch, 60, "no batch was seen running after the first results")
+    worker.stop(signal.SIGKILL)
+    killed_in_batch = [
+        i for i in ids if i not in result_writes.counts() and r.exists(f"vlmq:attempts:{i}")
+    ]
+    assert killed_in_batch, "the kill came after the batch had finished"
+    assert unacked_count(r) > 0, "nothing was left unacked by the killed worker"
+
+    # The dead worker's messages come back once the visibility timeout has passed; the next
+    # worker restores them when it starts polling.
+    time.sleep(VISIBILITY_S + 1)
+    start_worker(REDIS_URL=url, **WORKER_ENV)
+    results = [h.result(timeout=120) for h in handles]
+    assert all(res.answer_tokens >= 1 for res in results)
+    counts = result_writes.counts()
+    assert {i: counts[i] for i in ids} == dict.fromkeys(ids, 1)
+    for task_id in killed_in_batch:
+        assert int(r.get(f"vlmq:attempts:{task_id}")) == 2
+    wait_for(lambda: unacked_count(r) == 0, 10, "messages still unacked after every result")
+    print(f"\n{len(ids)} tasks, {len(killed_in_batch)} in the killed batch, all written once")
+
+
+def test_redelivered_task_with_a_result_is_acked_without_running(
+    start_worker, private_redis, result_writes
+):
+    url = private_redis.url()
+    settings = Settings(redis_url=url)
+    client = Client(settings)
+    worker = start_worker(REDIS_URL=url)
+    handle = client.submit(image(1), "What is it?", max_new_tokens=4)
+    first = handle.result(timeout=60)
+    r = private_redis.client()
+    assert int(r.get(f"vlmq:attempts:{handle.id}")) == 1
+
+    # A second delivery of the same task id, as Redis makes after a visibility timeout.
+    message = handle._async.backend.get_task_meta(handle.id)["kwargs"]
+    make_celery_app(settings).send_task(
+        TASK_NAME, kwargs=message, task_id=handle.id, queue=settings.queue
+    )
+    wait_for(
+        lambda: "already has a result" in worker.log(), 30, "the redelivery was not recognised"
+    )
+    wait_for(lambda: unacked_count(r) == 0 and r.llen(settings.queue) == 0, 10, "not acked")
+    assert result_writes.counts()[handle.id] == 1
+    assert int(r.get(f"vlmq:attempts:{handle.id}")) == 1  # never reached the model again
+    assert handle.result(timeout=1) == first
