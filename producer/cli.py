@@ -18,6 +18,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from producer.client import Client, TaskHandle
+from producer.config import Settings
 from producer.errors import ConfigurationError, VlmqError
 from producer.results import AnalysisResult
 
@@ -87,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the end-to-end demo")
     demo.set_defaults(run=_demo)
+
+    exporter = commands.add_parser(
+        "exporter", help="serve queue depth and oldest-task age for Prometheus (autoscaling)"
+    )
+    exporter.add_argument("--port", type=int, default=9809)
+    exporter.add_argument("--address", default="0.0.0.0")
+    exporter.set_defaults(run=_exporter)
     return parser
 
 
@@ -192,3 +200,11 @@ def _demo(args: argparse.Namespace) -> int:
     from worker.demo import main as demo_main
 
     return demo_main()
+
+
+def _exporter(args: argparse.Namespace) -> int:
+    from producer.exporter import serve
+
+    settings = Settings.from_env()
+    serve(settings.redis_url, settings.queue, args.port, args.address)
+    return 0
