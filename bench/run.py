@@ -441,10 +441,12 @@ class Bench:
         mode["status"] = "partial" if bad else "ok"
         h = report.headline(mode)
         if h:
+            f = report._f
             log(
-                f"{key}: {h['output_tokens_per_s']:.1f} tok/s, {h['images_per_s']:.2f} img/s, "
-                f"p50 {h['latency_p50_s']:.2f} s, p99 {h['latency_p99_s']:.2f} s, "
-                f"mean batch {h['mean_batch']:.1f}, {h['n_ok']}/{h['n_planned']} answered"
+                f"{key}: {f(h['output_tokens_per_s'])} tok/s, {f(h['images_per_s'], '{:.2f}')} "
+                f"img/s, p50 {f(h['latency_p50_s'], '{:.2f}')} s, p99 "
+                f"{f(h['latency_p99_s'], '{:.2f}')} s, mean batch {f(h.get('mean_batch'))}, "
+                f"{h['n_ok']}/{h['n_planned']} answered"
             )
 
     def floors(self, key: str) -> None:
