@@ -120,7 +120,7 @@ def test_two_hundred_tasks_twenty_malformed(start_worker, redis_url):
 
 def test_revoked_and_expired_tasks_never_reach_the_model(start_worker, redis_url):
     # A long batch wait keeps tasks buffered long enough for the revoke to land first.
-    start_worker(VLMQ_MAX_WAIT_MS="2000")
+    start_worker(VLMQ_MAX_WAIT_MS="5000")
     settings = Settings.from_env({"REDIS_URL": redis_url})
     client = Client(settings)
     expired = client.submit(
