@@ -194,14 +194,26 @@ class Batcher:
                 self._completed.append(Completion(req, None, 0.0, 0))
             else:
                 to_run.append(req)
-        attempts = self._count_attempts(to_run)
-        runnable = [req for req in to_run if attempts[req.id] <= self._max_attempts]
-        outcomes = {req.id: self._gave_up(req, attempts[req.id]) for req in to_run}
+        if done_before:
+            self._handoff.call(self.drain)
+        # A request whose earlier delivery reached the model and left no result may have
+        # killed the worker: it runs alone, so it cannot use up its batch-mates' attempts.
+        suspect = self._reached_model_before(to_run)
+        fresh = [req for req in to_run if req.id not in suspect]
+        for group in ([fresh] if fresh else []) + [[req] for req in to_run if req.id in suspect]:
+            self._run_group(group, arrivals, started)
+            started = self._clock()
+
+    def _run_group(self, group: list[Request], arrivals: dict[str, float], started: float) -> None:
+        """Run one model batch; store each outcome, then hand the acks to the loop."""
+        attempts = self._count_attempts(group)
+        runnable = [req for req in group if attempts[req.id] <= self._max_attempts]
+        outcomes = {req.id: self._gave_up(req, attempts[req.id]) for req in group}
         if runnable:
             ran = self._executor.run([(req.id, req.kwargs) for req in runnable])
             outcomes.update((outcome.task_id, outcome) for outcome in ran)
         runtime = self._clock() - started
-        for req in to_run:
+        for req in group:
             outcome = outcomes[req.id]
             try:
                 self._store(req, outcome)
@@ -211,7 +223,16 @@ class Batcher:
                 continue
             self._completed.append(Completion(req, outcome, runtime, len(runnable)))
         self._handoff.call(self.drain)
-        self._observe(to_run, outcomes, arrivals, started, runtime)
+        self._observe(group, outcomes, arrivals, started, runtime)
+
+    def _reached_model_before(self, requests: list[Request]) -> set[str]:
+        """Ids whose attempt counter is already set: an earlier delivery reached the model."""
+        if not requests:
+            return set()
+        found = self._app.backend.mget([f"vlmq:attempts:{req.id}" for req in requests])
+        if isinstance(found, dict):  # the cache backend answers with a mapping
+            found = [found.get(f"vlmq:attempts:{req.id}") for req in requests]
+        return {req.id for req, raw in zip(requests, found, strict=True) if raw}
 
     def _count_attempts(self, requests: list[Request]) -> dict[str, int]:
         """Count deliveries that reached the model, across worker crashes and restarts."""
