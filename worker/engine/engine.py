@@ -1,0 +1,425 @@
+"""The continuous-batching engine: admission into fixed slots, one decode step per ``step()``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from worker.engine.decode import DecodeStep
+from worker.engine.graphs import DecodeGraphs, batch_buckets, length_buckets, pick
+from worker.engine.inputs import PreparedRequest, prepare_request
+from worker.engine.parts import MllamaParts
+from worker.engine.prefill import cross_masks, encode_images, prefill_text, write_cross_kv
+from worker.engine.sampling import sample
+from worker.engine.slots import SlotCache, plan_capacity
+from worker.model.runner import Generation, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+# Requests prefilled together at most (their vision encoding runs in chunks of VISION_BATCH).
+MAX_PREFILL_BATCH = 8
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters; read deltas between two moments."""
+
+    prefill_ms: float = 0.0  # vision encoding, cross K/V and prompt prefill, first token included
+    decode_ms: float = 0.0
+    decode_steps: int = 0
+    tokens: int = 0  # generated tokens, first tokens included
+    admitted: int = 0
+    finished: int = 0  # requests returned, failed ones included
+    images_encoded: int = 0
+    images_reused: int = 0  # admissions whose cross K/V were already resident
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """A request as it leaves the engine: its answer tokens, or the exception that ended it."""
+
+    key: str
+    token_ids: list[int] = field(default_factory=list)  # EOS included when it ended on one
+    prompt_tokens: int = 0
+    error: Exception | None = None
+
+
+@dataclass
+class _Waiting:
+    key: str
+    request: GenerationRequest
+    prepared: PreparedRequest
+
+
+@dataclass
+class _Running:
+    key: str
+    request: GenerationRequest
+    prompt_tokens: int
+    tokens: list[int]
+
+    @property
+    def position(self) -> int:
+        """Where the next decode input (the last generated token) goes in the slot's cache."""
+        return self.prompt_tokens + len(self.tokens) - 1
+
+
+class ContinuousEngine:
+    """Iteration-level batching of Mllama requests over fixed slots, decode in CUDA graphs.
+
+    ``submit`` queues requests (from any thread); ``step`` (from one thread) admits waiting
+    requests into free slots with one batched prefill, runs one decode step for every active
+    slot and returns the requests that finished. ``max_slots`` / ``max_seq_len`` default to what
+    ``memory_fraction`` of the free GPU memory holds (8 slots of 512 tokens on CPU).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        *,
+        max_slots: int | None = None,
+        max_seq_len: int | None = None,
+        cuda_graphs: bool = True,
+        memory_fraction: float = 0.9,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.parts = MllamaParts(model)
+        self.device = self.parts.device
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+
+        capacity = plan_capacity(
+            self.parts.geometry,
+            model.config.vision_config,
+            self.parts.dtype,
+            self.device,
+            max_slots=max_slots,
+            max_seq_len=max_seq_len,
+            memory_fraction=memory_fraction,
+        )
+        self.max_slots = capacity.max_slots
+        self.max_seq_len = capacity.max_seq_len
+        self.cache = SlotCache(
+            self.parts.geometry, self.max_slots, self.max_seq_len, self.parts.dtype, self.device
+        )
+        with torch.inference_mode():
+            self._rope = self.parts.rope_table(self.max_seq_len)
+        self._graphs = DecodeGraphs(
+            DecodeStep(self.parts, self.cache, self._rope),
+            batch_buckets(self.max_slots),
+            length_buckets(self.max_seq_len),
+            use_graphs=cuda_graphs and self.device.type == "cuda",
+        )
+        with torch.inference_mode():
+            self._graphs.capture()
+        logger.info(
+            "engine: %d slots x %d tokens, %.2f GiB of caches, graphs %s",
+            self.max_slots, self.max_seq_len, self.cache.nbytes / 2**30, self._graphs.use_graphs,
+        )  # fmt: skip
+
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._waiting: deque[_Waiting] = deque()
+        self._failed: list[FinishedRequest] = []
+        self._keys: set[str] = set()
+        self._slots: list[_Running | None] = [None] * self.max_slots
+        self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def graph_capture_s(self) -> float:
+        """Seconds the start-up graph capture took (0 without graphs)."""
+        return self._graphs.capture_s
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_slots - self.active
+
+    @property
+    def active(self) -> int:
+        return sum(slot is not None for slot in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._failed)
+
+    def has_work(self) -> bool:
+        """Whether any request is waiting, running, or failed and not yet returned."""
+        return self.active > 0 or self.waiting > 0
+
+    def submit(self, key: str, request: GenerationRequest) -> None:
+        """Queue ``request`` under ``key`` (unique among requests in the engine).
+
+        Raises ValueError if it can never fit a slot (prompt + max_new_tokens > max_seq_len).
+        A request the processor cannot read is accepted and comes back from ``step`` as its
+        exception.
+        """
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        with self._lock:
+            if key in self._keys:
+                raise ValueError(f"request key {key!r} is already in the engine")
+            self._keys.add(key)
+        try:
+            prepared = prepare_request(self.processor, request)
+        except Exception as exc:
+            with self._lock:
+                self._failed.append(FinishedRequest(key=key, error=exc))
+            return
+        needed = prepared.prompt_tokens + request.max_new_tokens
+        if needed > self.max_seq_len:
+            with self._lock:
+                self._keys.discard(key)
+            raise ValueError(
+                f"request {key!r} needs {prepared.prompt_tokens} prompt + "
+                f"{request.max_new_tokens} new tokens = {needed} > max_seq_len {self.max_seq_len}"
+            )
+        with self._lock:
+            self._waiting.append(_Waiting(key, request, prepared))
+
+    def step(self) -> list[tuple[str, Generation | Exception]]:
+        """Admit, decode one token for every active slot, return what finished in this step."""
+        finished = self.step_outputs()
+        texts = self.tokenizer.batch_decode(
+            [f.token_ids for f in finished], skip_special_tokens=True
+        )
+        results: list[tuple[str, Generation | Exception]] = []
+        for done, text in zip(finished, texts, strict=True):
+            if done.error is not None:
+                results.append((done.key, done.error))
+            else:
+                answer = Generation(
+                    text=text.strip(),
+                    prompt_tokens=done.prompt_tokens,
+                    answer_tokens=len(done.token_ids),
+                )
+                results.append((done.key, answer))
+        return results
+
+    def step_outputs(self) -> list[FinishedRequest]:
+        """``step`` with token ids instead of decoded text."""
+        with self._lock:
+            finished, self._failed = self._failed, []
+        with torch.inference_mode():
+            finished += self._admit()
+            if self.active:
+                finished += self._decode()
+            self._compact()
+        with self._lock:
+            self._keys.difference_update(f.key for f in finished)
+        self.stats.finished += len(finished)
+        return finished
+
+    # -- admission --------------------------------------------------------------------------
+
+    def _admit(self) -> list[FinishedRequest]:
+        with self._lock:
+            count = min(self.free_slots, MAX_PREFILL_BATCH, len(self._waiting))
+            batch = [self._waiting.popleft() for _ in range(count)]
+        if not batch:
+            return []
+        slots = self._allocate(batch)
+        start = time.perf_counter()
+        try:
+            finished = self._prefill(batch, slots)
+        except Exception as exc:
+            if len(batch) == 1:
+                finished = [FinishedRequest(key=batch[0].key, error=exc)]
+            else:
+                logger.exception("batched prefill of %d failed; retrying one by one", len(batch))
+                finished = []
+                for waiting, slot in zip(batch, slots, strict=True):
+                    try:
+                        finished += self._prefill([waiting], [slot])
+                    except Exception as one_exc:
+                        finished.append(FinishedRequest(key=waiting.key, error=one_exc))
+        self.stats.prefill_ms += (time.perf_counter() - start) * 1000.0
+        return finished
+
+    def _allocate(self, batch: list[_Waiting]) -> list[int]:
+        """A free slot per request: one that already holds its image if any, else the lowest."""
+        free = [i for i, slot in enumerate(self._slots) if slot is None]
+        chosen = []
+        for waiting in batch:
+            holding = [i for i in free if self._resident[i] == waiting.prepared.image_key]
+            slot = holding[0] if holding else free[0]
+            free.remove(slot)
+            chosen.append(slot)
+        return chosen
+
+    def _prefill(self, batch: list[_Waiting], slots: list[int]) -> list[FinishedRequest]:
+        try:
+            self._load_cross_kv(batch, slots)
+            return self._prefill_prompts(batch, slots)
+        except Exception:
+            # Nothing was admitted (slots are only taken once all device work is done).
+            for slot in slots:
+                self._resident[slot] = None
+                self.cache.release(slot)
+            raise
+
+    def _load_cross_kv(self, batch: list[_Waiting], slots: list[int]) -> None:
+        """Put each request's image cross K/V in its slot: already there, copied from another
+        resident slot, or encoded (once per distinct image in the batch)."""
+        taken = set(slots)
+        groups: dict[str, list[int]] = {}
+        for waiting, slot in zip(batch, slots, strict=True):
+            groups.setdefault(waiting.prepared.image_key, []).append(slot)
+        to_encode: list[tuple[PreparedRequest, list[int]]] = []
+        prepared_of = {w.prepared.image_key: w.prepared for w in batch}
+        for key, group in groups.items():
+            source = next((s for s in group if self._resident[s] == key), None)
+            if source is None:
+                # A slot being reallocated in this batch may be overwritten: not a source.
+                source = next(
+                    (s for s, k in enumerate(self._resident) if k == key and s not in taken), None
+                )
+            if source is None:
+                to_encode.append((prepared_of[key], group))
+                continue
+            for slot in group:
+                if slot != source:
+                    self.cache.copy_cross(source, slot)
+            self.stats.images_reused += len(group)
+        for _, group in to_encode:
+            for slot in group:
+                self._resident[slot] = None
+        if to_encode:
+            images = [prepared for prepared, _ in to_encode]
+            states = encode_images(
+                self.parts,
+                torch.stack([p.pixel_values for p in images]),
+                torch.tensor([p.aspect_ratio_id for p in images]),
+                torch.stack([p.aspect_ratio_mask for p in images]),
+            )
+            rows = [i for i, (_, group) in enumerate(to_encode) for _ in group]
+            targets = [slot for _, group in to_encode for slot in group]
+            write_cross_kv(
+                self.parts,
+                self.cache,
+                states[torch.tensor(rows, device=self.device)],
+                torch.tensor(targets, device=self.device),
+            )
+            self.stats.images_encoded += len(images)
+            self.stats.images_reused += len(targets) - len(images)
+        for waiting, slot in zip(batch, slots, strict=True):
+            self._resident[slot] = waiting.prepared.image_key
+
+    def _prefill_prompts(self, batch: list[_Waiting], slots: list[int]) -> list[FinishedRequest]:
+        cache = self.cache
+        slot_index = torch.tensor(slots, device=self.device)
+        logits = prefill_text(
+            self.parts,
+            cache,
+            self._rope,
+            slot_index,
+            [w.prepared.input_ids for w in batch],
+            [w.prepared.cross_rows for w in batch],
+        )
+        requests = [w.request for w in batch]
+        greedy = torch.tensor([r.temperature == 0 for r in requests], device=self.device)
+        temperature = torch.tensor([float(r.temperature) for r in requests], device=self.device)
+        top_p = torch.tensor([float(r.top_p) for r in requests], device=self.device)
+        first = sample(
+            logits,
+            greedy,
+            temperature,
+            top_p,
+            any_sampling=not bool(all(r.temperature == 0 for r in requests)),
+            any_top_p=any(r.temperature != 0 and r.top_p < 1.0 for r in requests),
+        )
+        # Decode rows see what the last prompt token saw (HF repeats the last mask row).
+        last_rows = torch.stack([w.prepared.cross_rows[-1] for w in batch]).to(self.device)
+        cross_mask, row_gate = cross_masks(
+            last_rows, self.parts.geometry.num_patches, self.parts.dtype
+        )
+        cache.cross_mask[slot_index] = cross_mask
+        cache.row_gate[slot_index] = row_gate
+        cache.tokens[slot_index] = first
+        cache.positions[slot_index] = torch.tensor(
+            [w.prepared.prompt_tokens for w in batch], device=self.device
+        )
+        cache.active[slot_index] = 1
+        cache.greedy[slot_index] = greedy
+        cache.temperature[slot_index] = temperature
+        cache.top_p[slot_index] = top_p
+
+        first_tokens = first.tolist()  # the one sync; may raise, so before taking any slot
+        finished = []
+        for waiting, slot, token in zip(batch, slots, first_tokens, strict=True):
+            running = _Running(waiting.key, waiting.request, waiting.prepared.prompt_tokens, [])
+            self._slots[slot] = running
+            self.stats.admitted += 1
+            done = self._append(slot, running, token)
+            if done is not None:
+                finished.append(done)
+        return finished
+
+    # -- decode -----------------------------------------------------------------------------
+
+    def _decode(self) -> list[FinishedRequest]:
+        start = time.perf_counter()
+        cache = self.cache
+        live = [(i, slot) for i, slot in enumerate(self._slots) if slot is not None]
+        rows = live[-1][0] + 1
+        length = max(slot.position for _, slot in live) + 1
+        logits = self._graphs.run(rows, length)
+        bucket = logits.shape[0]
+        requests = [slot.request for _, slot in live]
+        tokens = sample(
+            logits,
+            cache.greedy[:bucket],
+            cache.temperature[:bucket],
+            cache.top_p[:bucket],
+            any_sampling=any(r.temperature != 0 for r in requests),
+            any_top_p=any(r.temperature != 0 and r.top_p < 1.0 for r in requests),
+        )
+        cache.tokens[:bucket].copy_(tokens)
+        cache.positions[:bucket] += cache.active[:bucket]
+        host_tokens = tokens[:rows].tolist()
+        finished = []
+        for index, running in live:
+            done = self._append(index, running, host_tokens[index])
+            if done is not None:
+                finished.append(done)
+        self.stats.decode_steps += 1
+        self.stats.decode_ms += (time.perf_counter() - start) * 1000.0
+        return finished
+
+    def _append(self, slot: int, running: _Running, token: int) -> FinishedRequest | None:
+        """Record a generated token; free the slot and return the request if it is done."""
+        running.tokens.append(token)
+        self.stats.tokens += 1
+        if token not in self.eos_token_ids and len(running.tokens) < running.request.max_new_tokens:
+            return None
+        self._slots[slot] = None
+        self.cache.release(slot)
+        return FinishedRequest(running.key, running.tokens, running.prompt_tokens)
+
+    def _compact(self) -> None:
+        """Move the highest running slots into lower free ones while that shrinks the decode
+        bucket: rows are slots, so holes below the highest running slot cost compute."""
+        buckets = self._graphs.rows
+        while True:
+            live = [i for i, slot in enumerate(self._slots) if slot is not None]
+            if not live or pick(buckets, live[-1] + 1) <= pick(buckets, len(live)):
+                return
+            src = live[-1]
+            dst = next(i for i, slot in enumerate(self._slots) if slot is None)
+            running = self._slots[src]
+            self.cache.move(src, dst, running.position)
+            self._slots[dst], self._slots[src] = running, None
+            self._resident[dst] = self._resident[src]
