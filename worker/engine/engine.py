@@ -193,6 +193,8 @@ class ContinuousEngine:
     def step(self) -> list[tuple[str, Generation | Exception]]:
         """Admit, decode one token for every active slot, return what finished in this step."""
         finished = self.step_outputs()
+        if not finished:
+            return []  # some tokenizer versions decode an empty batch to [""]
         texts = self.tokenizer.batch_decode(
             [f.token_ids for f in finished], skip_special_tokens=True
         )

@@ -1,0 +1,108 @@
+"""Engine building blocks without a model: buckets, memory planning, sampling, GQA attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worker.engine.attention import gqa_attention
+from worker.engine.graphs import batch_buckets, length_buckets, pick
+from worker.engine.parts import Geometry
+from worker.engine.sampling import sample, top_p_filter
+from worker.engine.slots import bytes_per_slot, plan_capacity
+
+REAL_11B = Geometry(
+    hidden_size=4096,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    num_layers=40,
+    cross_layers=(3, 8, 13, 18, 23, 28, 33, 38),
+    vocab_size=128256,
+    num_patches=1601,
+    max_tiles=4,
+    max_position_embeddings=131072,
+)
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert batch_buckets(37) == [1, 2, 4, 8, 16, 24, 32, 37]
+    assert length_buckets(4096) == [256, 512, 1024, 2048, 4096]
+    assert length_buckets(100) == [100]
+    assert length_buckets(600) == [256, 512, 600]
+    assert pick([1, 2, 4, 8], 3) == 4 and pick([1, 2, 4, 8], 8) == 8
+    with pytest.raises(ValueError):
+        pick([1, 2, 4], 5)
+
+
+def test_slot_bytes_of_the_real_model():
+    assert REAL_11B.cross_len == 6404
+    assert REAL_11B.self_layers == tuple(i for i in range(40) if i % 5 != 3)
+    per_slot = bytes_per_slot(REAL_11B, 4096, torch.bfloat16)
+    self_kv = 32 * 4096 * 2 * 8 * 128 * 2
+    cross_kv = 8 * 6404 * 2 * 8 * 128 * 2
+    assert per_slot == self_kv + cross_kv  # ~537 MB + ~210 MB
+
+
+def test_plan_on_cpu_uses_small_defaults():
+    class Vision:
+        hidden_size, num_hidden_layers, num_global_layers = 32, 4, 2
+        intermediate_size, vision_output_dim = 64, 96
+
+    plan = plan_capacity(
+        REAL_11B, Vision, torch.float32, torch.device("cpu"),
+        max_slots=None, max_seq_len=None, memory_fraction=0.9,
+    )  # fmt: skip
+    assert (plan.max_slots, plan.max_seq_len) == (8, 512)
+    plan = plan_capacity(
+        REAL_11B, Vision, torch.float32, torch.device("cpu"),
+        max_slots=3, max_seq_len=64, memory_fraction=0.9,
+    )  # fmt: skip
+    assert (plan.max_slots, plan.max_seq_len) == (3, 64)
+
+
+def test_top_p_filter_keeps_the_smallest_reaching_set():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]])
+    scores = probs.log()
+    kept = top_p_filter(scores, torch.tensor([0.7, 1.0])).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+def test_sample_greedy_rows_take_argmax_and_others_follow_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]]).repeat(4000, 1)
+    greedy = torch.zeros(4000, dtype=torch.bool)
+    greedy[:10] = True
+    temperature = torch.ones(4000)
+    top_p = torch.ones(4000)
+    tokens = sample(logits, greedy, temperature, top_p, any_sampling=True, any_top_p=False)
+    assert (tokens[:10] == 1).all()
+    counts = torch.bincount(tokens[10:], minlength=4).float() / 3990
+    assert torch.allclose(counts, logits[0].softmax(-1), atol=0.03)
+    only_greedy = sample(logits, greedy, temperature, top_p, any_sampling=False, any_top_p=False)
+    assert (only_greedy == 1).all()
+
+
+def test_gqa_attention_matches_repeated_kv():
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, keys, dim = 3, 8, 2, 5, 11, 16
+    q = torch.randn(batch, heads, length, dim)
+    k = torch.randn(batch, kv_heads, keys, dim)
+    v = torch.randn(batch, kv_heads, keys, dim)
+    mask = torch.rand(batch, length, keys) > 0.3
+    mask[..., 0] = True
+    out = gqa_attention(q, k, v, mask, dim**-0.5)
+    repeat = heads // kv_heads
+    expected = F.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(repeat, dim=1),
+        v.repeat_interleave(repeat, dim=1),
+        attn_mask=mask[:, None],
+    )
+    assert torch.allclose(out, expected.transpose(1, 2).reshape(batch, length, -1), atol=1e-5)
+    one = gqa_attention(q[:, :, :1], k, v, mask[:, :1], dim**-0.5)
+    assert torch.allclose(one, expected[:, :, :1].transpose(1, 2).reshape(batch, 1, -1), atol=1e-5)
