@@ -25,8 +25,7 @@ import torch
 
 from bench.progress import Progress, log
 from bench.workload import RequestSpec
-from producer.claimcheck import ImageStore
-from producer.errors import ImageUnavailable
+from producer.claimcheck import MemoryImageStore
 from producer.images import decode_image
 from producer.protocol import AnalysisRequest, Limits
 from worker.executor import BatchExecutor
@@ -131,31 +130,13 @@ class GenerateServer:
         ]
 
 
-class MemoryImages:
-    """The claim-check store of mode (c): image bytes by their claim-check key, in memory."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
-
-    def put(self, data: bytes) -> str:
-        key = ImageStore.key_for(data)
-        self._data[key] = data
-        return key
-
-    def get(self, key: str) -> bytes:
-        try:
-            return self._data[key]
-        except KeyError:
-            raise ImageUnavailable(f"no image stored under {key}") from None
-
-
 class EngineServer:
     """The worker's batch executor, fed Celery-shaped messages (mode c)."""
 
     def __init__(
         self,
         executor: BatchExecutor,
-        images: MemoryImages,
+        images: MemoryImageStore,
         max_batch: int,
         max_wait_s: float,
         label: str,

@@ -647,13 +647,14 @@ class Bench:
         self.summarize(key, [run], t0, True)
 
     def engine(self, model, processor, label: str):
-        from bench.modes import EngineServer, MemoryImages
+        from bench.modes import EngineServer
+        from producer.claimcheck import MemoryImageStore
         from producer.protocol import Limits
         from worker.executor import BatchExecutor
         from worker.model.runner import MllamaRunner
 
         runner = MllamaRunner(model, processor)
-        images = MemoryImages()
+        images = MemoryImageStore()
         executor = BatchExecutor(runner, images, Limits(), f"bench-{self.args.model}")
         server = EngineServer(
             executor, images, self.ensure_batch(), self.args.max_wait_ms / 1000.0, label

@@ -66,3 +66,28 @@ class ImageStore:
                 "(VLMQ_IMAGE_TTL_S) or it was never stored; submit the image again"
             )
         return data
+
+
+class MemoryImageStore:
+    """The claim check kept in this process's memory, with :class:`ImageStore`'s interface.
+
+    For a broker-less setup in one process (Celery's in-memory transport) and for
+    in-process benchmarks; images are never evicted.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+
+    def put(self, data: bytes) -> str:
+        return self.put_many([data])[0]
+
+    def put_many(self, items: Sequence[bytes]) -> list[str]:
+        keys = [ImageStore.key_for(data) for data in items]
+        self._data.update(zip(keys, items, strict=True))
+        return keys
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._data[key]
+        except KeyError:
+            raise ImageUnavailable(f"image {key} was never stored in this process") from None

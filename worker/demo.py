@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from producer.claimcheck import MemoryImageStore
 from producer.client import Client
 from producer.config import Settings
 from producer.errors import VlmqError
@@ -141,7 +142,7 @@ def _run_in_process() -> int:
     from worker.celery_app import create_worker_app
     from worker.settings import WorkerSettings
 
-    store = _MemoryImageStore()
+    store = MemoryImageStore()
     settings = Settings.from_env({})
     worker_settings = WorkerSettings.from_env({**WORKER_ENV, "VLMQ_MODEL": str(TINY_MODEL_DIR)})
     app = create_worker_app(settings, worker_settings, image_source=store)
@@ -178,31 +179,6 @@ def _submit_and_print(client: Client) -> int:
         f"{time.perf_counter() - t0:.1f} s; batch sizes seen: {seen}"
     )
     return 1 if failures else 0
-
-
-class _MemoryImageStore:
-    """The claim check kept in this process, for the in-memory fallback only."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
-
-    def put(self, data: bytes) -> str:
-        from producer.claimcheck import ImageStore
-
-        key = ImageStore.key_for(data)
-        self._data[key] = data
-        return key
-
-    def put_many(self, items: list[bytes]) -> list[str]:
-        return [self.put(data) for data in items]
-
-    def get(self, key: str) -> bytes:
-        from producer.errors import ImageUnavailable
-
-        try:
-            return self._data[key]
-        except KeyError:
-            raise ImageUnavailable(f"no image stored under {key}") from None
 
 
 def _free_port() -> int:
