@@ -1,0 +1,77 @@
+"""The worker bootstep that runs monitoring beside the batcher."""
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from worker.bootstep import BatchingStep
+from worker.handoff import LoopHandoff
+from worker.monitoring.backlog import BrokerBacklog
+from worker.monitoring.metrics import MetricsServer, WorkerMetrics, serve_metrics
+from worker.monitoring.monitor import WorkerMonitor
+from worker.monitoring.nvml import GpuProbe, gpu_selector
+from worker.monitoring.outbox import EventOutbox
+from worker.monitoring.sampler import Sampler
+from worker.monitoring.settings import MonitorSettings
+
+logger = logging.getLogger(__name__)
+
+
+class MonitoringStep(bootsteps.StartStopStep):
+    """Sends ``worker-gpu``/``worker-batch`` events and serves ``/metrics``.
+
+    It registers its batch observer when the worker is built, before the batcher starts,
+    and starts after the model is loaded, so CUDA's device can be matched to NVML's; it
+    stops before the batcher, and events of the last batch are then dropped.
+    """
+
+    requires = (BatchingStep,)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.settings = MonitorSettings.from_env()
+        app = worker.app
+        ws = app.vlmq_worker_settings
+        metrics = WorkerMetrics(
+            {
+                "model": ws.model,
+                "precision": ws.precision,
+                "attention": ws.attn_implementation,
+                "device": ws.device,
+                "max_batch_size": str(ws.max_batch_size),
+            }
+        )
+        self.monitor = WorkerMonitor(metrics, EventOutbox())
+        app.vlmq_batch_observers.append(self.monitor.on_batch)
+        self._server: MetricsServer | None = None
+        self._sampler: Sampler | None = None
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+        self.monitor.outbox.attach(
+            LoopHandoff(worker.hub), lambda: getattr(worker.consumer, "event_dispatcher", None)
+        )
+        settings = self.settings
+        if settings.metrics_port:
+            registry = self.monitor.metrics.registry
+            self._server = serve_metrics(registry, settings.metrics_addr, settings.metrics_port)
+        device = app.vlmq_worker_settings.device
+        queues = list(app.amqp.queues.consume_from)
+        self._sampler = Sampler(
+            self.monitor,
+            lambda: GpuProbe.open(gpu_selector(device)),
+            BrokerBacklog(app.conf.broker_url, queues),
+            self.settings.interval_s,
+        ).start()
+
+    def stop(self, worker: Any) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        self.monitor.outbox.detach()
+
+    terminate = stop
