@@ -95,6 +95,30 @@ def _parser() -> argparse.ArgumentParser:
     exporter.add_argument("--port", type=int, default=9809)
     exporter.add_argument("--address", default="0.0.0.0")
     exporter.set_defaults(run=_exporter)
+
+    top = commands.add_parser(
+        "top",
+        help="live view of workers: GPU, batch sizes, queue depth, throughput",
+        description="Show the workers' GPU, batch and queue figures from their events.",
+    )
+    top.add_argument("--once", action="store_true", help="listen, print one snapshot, exit")
+    top.add_argument(
+        "--listen", type=float, default=3.0, metavar="S", help="with --once: seconds to listen"
+    )
+    top.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period")
+    top.add_argument("--record", type=Path, metavar="FILE", help="append the events (JSON lines)")
+    top.set_defaults(run=_top)
+
+    report = commands.add_parser(
+        "report",
+        help="plot GPU utilisation, batch size and queue depth over a run (PNG)",
+        description="Plot a run's worker events: a file from `vlmq top --record`, or --listen.",
+    )
+    report.add_argument("events", nargs="?", type=Path, metavar="EVENTS", help="JSON-lines file")
+    report.add_argument("--listen", type=float, metavar="S", help="capture S seconds of events")
+    report.add_argument("--save", type=Path, metavar="FILE", help="with --listen: keep events")
+    report.add_argument("-o", "--output", type=Path, default=Path("vlmq-report.png"))
+    report.set_defaults(run=_report)
     return parser
 
 
@@ -208,3 +232,15 @@ def _exporter(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     serve(settings.redis_url, settings.queue, args.port, args.address)
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from producer.top import top_command
+
+    return top_command(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from producer.report import report_command
+
+    return report_command(args)

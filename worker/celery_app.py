@@ -10,6 +10,7 @@ from producer.config import Settings, make_celery_app
 from producer.protocol import TASK_NAME, model_queue
 from worker.bootstep import BatchingStep
 from worker.executor import ImageSource
+from worker.monitoring.bootstep import MonitoringStep
 from worker.settings import WorkerSettings
 
 
@@ -57,5 +58,6 @@ def create_worker_app(
     app.vlmq_image_source = image_source
     app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats
     app.steps["worker"].add(BatchingStep)
+    app.steps["worker"].add(MonitoringStep)
     app.register_task(AnalyzeTask())
     return app
