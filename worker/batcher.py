@@ -240,7 +240,11 @@ class Batcher:
         counts = {}
         for req in requests:
             key = f"vlmq:attempts:{req.id}"
-            counts[req.id] = int(backend.incr(key))
+            try:
+                counts[req.id] = int(backend.incr(key))
+            except KeyError:  # the cache backend (in-memory demo) cannot incr a missing key
+                backend.set(key, 1)
+                counts[req.id] = 1
             backend.expire(key, 7 * 24 * 3600)
         return counts
 
