@@ -304,3 +304,21 @@ def test_stats_start_at_zero_and_defaults(loaded):
     assert (engine.max_slots, engine.max_seq_len) == (8, 512)
     assert engine.free_slots == 8 and not engine.has_work()
     assert engine.step() == []
+
+
+def test_rows_crossing_length_buckets(loaded, reference, monkeypatch):
+    import worker.engine.engine as engine_module
+    from worker.engine.graphs import length_buckets
+
+    # Small length buckets (16, 32, 64, 128), so rows cross bucket edges while they decode.
+    monkeypatch.setattr(engine_module, "length_buckets", lambda n: length_buckets(n, 16))
+    model, processor = loaded
+    engine = ContinuousEngine(model, processor, max_slots=3, max_seq_len=128)
+    assert engine._graphs.lengths == [16, 32, 64, 128]
+    requests = make_requests(4, seed=100)
+    long = {k: GenerationRequest(r.image, r.question, 60) for k, r in requests.items()}
+    first, *rest = long
+    engine.submit(first, long[first])
+    results = drain(engine, {k: long[k] for k in rest}, at_step=20)
+    for key, request in long.items():
+        assert results[key].token_ids == reference(request), key

@@ -80,6 +80,7 @@ def plan_capacity(
     if device.type != "cuda":
         return Capacity(max_slots or CPU_SLOTS, max_seq_len, per_slot, workspace)
 
+    torch.cuda.empty_cache()  # blocks the allocator keeps but does not use count as free
     free, _total = torch.cuda.mem_get_info(device)
     budget = int(free * memory_fraction) - workspace
     fit = max(budget, 0) // per_slot
