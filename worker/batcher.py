@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import states
@@ -20,7 +20,7 @@ from celery.worker.request import Request
 from celery.worker.state import task_accepted, task_ready
 
 from producer.errors import ModelError
-from worker.executor import BatchExecutor, Outcome
+from worker.executor import Executor, Outcome, StepReport
 from worker.handoff import LoopHandoff
 from worker.policy import decide_batch
 
@@ -39,35 +39,82 @@ class Completion:
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What one batch did, for monitoring observers (called on the model thread)."""
+    """What the model did since the last report, for monitoring observers (model thread).
+
+    A report covers one batch of the batch executor, or about a second of decode steps of
+    the continuous engine.
+    """
 
     finished_at: float  # epoch seconds
-    batch_size: int  # requests that reached the model
+    window_s: float  # wall time this report covers
+    steps: int  # executor steps (batches, or decode steps) in the window
+    batch_size: float  # mean requests computed together per step
+    slots_in_use: int  # requests inside the model after the last step
+    finished: int  # requests that ended in the window
     failed: int  # of those, how many ended in a named error
     pending: int  # requests still buffered in this worker
-    queue_wait_ms: float  # mean time the batch's requests waited in this worker's buffer
-    model_ms: float  # validation, image loading and generation
+    queue_wait_ms: float  # mean wait in this worker's buffer of the requests admitted
+    model_ms: float  # time inside executor steps
+    prefill_ms: float | None  # None: the executor does not tell prefill from decode
+    decode_ms: float | None
     prompt_tokens: int
     answer_tokens: int
 
     @property
     def tokens_per_s(self) -> float:
-        return self.answer_tokens / (self.model_ms / 1000.0) if self.model_ms > 0 else 0.0
+        return self.answer_tokens / self.window_s if self.window_s > 0 else 0.0
+
+
+@dataclass
+class _Window:
+    started: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    rows: int = 0
+    finished: int = 0
+    failed: int = 0
+    admitted: int = 0
+    wait_s: float = 0.0
+    model_ms: float = 0.0
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
+    prompt_tokens: int = 0
+    answer_tokens: int = 0
+
+    def add_step(self, report: StepReport) -> None:
+        self.steps += 1
+        self.rows += report.rows
+        self.model_ms += report.model_ms
+        if report.prefill_ms is not None:
+            self.prefill_ms = (self.prefill_ms or 0.0) + report.prefill_ms
+        if report.decode_ms is not None:
+            self.decode_ms = (self.decode_ms or 0.0) + report.decode_ms
+
+    def add_outcome(self, outcome: Outcome) -> None:
+        self.finished += 1
+        if outcome.result is None:
+            self.failed += 1
+        else:
+            self.prompt_tokens += outcome.result["prompt_tokens"]
+            self.answer_tokens += outcome.result["answer_tokens"]
 
 
 BatchObserver = Callable[[BatchStats], None]
 
 
 class Batcher:
-    """Buffers requests, cuts batches by the policy, runs them, stores, then acks."""
+    """Buffers requests, hands them to the executor, stores each outcome, then acks.
+
+    Requests leave the buffer as the executor has room: a whole batch for the batch
+    executor (cut by :func:`decide_batch`), free slots for the continuous engine (at once
+    while it is busy, after the batch wait while it is idle).
+    """
 
     def __init__(
         self,
-        executor: BatchExecutor,
+        executor: Executor,
         handoff: LoopHandoff,
         app: Any,
         *,
-        max_batch_size: int,
         max_wait_s: float,
         max_attempts: int,
         observers: Sequence[BatchObserver] = (),
@@ -76,7 +123,6 @@ class Batcher:
         self._executor = executor
         self._handoff = handoff
         self._app = app  # app.backend is thread-local: read it on the model thread
-        self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._max_attempts = max_attempts
         self._observers = list(observers)
@@ -86,6 +132,10 @@ class Batcher:
         self._stopping = False
         self._completed: deque[Completion] = deque()
         self._thread: threading.Thread | None = None
+        # Model thread only: requests inside the executor, by id, with when they entered.
+        self._inside: dict[str, tuple[Request, float]] = {}
+        self._window = _Window()
+        self._last_rows = 0
 
     # -- event-loop thread ---------------------------------------------------
     def add(self, request: Request) -> None:
@@ -154,76 +204,111 @@ class Batcher:
         self.drain()
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (taken := self._take()) is not None:
             try:
-                self._process(batch)
+                if taken:
+                    self._admit(taken)
+                if self._executor.has_work():
+                    self._step()
             except Exception:
-                # Never let the model thread die: requests not completed stay unacked
-                # and come back from the broker.
-                logger.exception("Batch of %d failed outside the model", len(batch))
+                # Never let the model thread die. What is inside the executor has no result:
+                # back to the queue (attempts are counted, so a poison cannot loop forever).
+                logger.exception("The model step failed; requeueing %d tasks", len(self._inside))
+                for req, _ in self._inside.values():
+                    self._handoff.call(req.reject, True)
+                self._inside.clear()
 
-    def _next_batch(self) -> list[tuple[float, Request]] | None:
+    def _take(self) -> list[tuple[float, Request]] | None:
+        """Requests to admit now ([] if none but the executor has work); None: stop."""
         with self._cond:
             while not self._stopping:
-                oldest = self._pending[0][0] if self._pending else None
+                busy = self._executor.has_work()
+                room = self._executor.room()
                 decision = decide_batch(
-                    len(self._pending),
-                    oldest,
+                    len(self._pending) if room else 0,
+                    self._pending[0][0] if self._pending else None,
                     self._clock(),
-                    max_batch_size=self._max_batch_size,
-                    max_wait_s=self._max_wait_s,
+                    max_batch_size=max(room, 1),
+                    max_wait_s=0.0 if busy else self._max_wait_s,
                 )
                 if decision.take:
                     return [self._pending.popleft() for _ in range(decision.take)]
+                if busy:
+                    return []
                 self._cond.wait(decision.wait_s)
             return None
 
-    def _process(self, batch: list[tuple[float, Request]]) -> None:
-        arrivals = {req.id: arrived for arrived, req in batch}
+    def _admit(self, taken: list[tuple[float, Request]]) -> None:
         ok, live = self._handoff.call_and_wait(
-            self._begin, [req for _, req in batch], give_up=lambda: self._stopping
+            self._begin, [req for _, req in taken], give_up=lambda: self._stopping
         )
         if not ok or not live:
             return
-        started = self._clock()
+        arrivals = {req.id: arrived for arrived, req in taken}
         done_before = self._already_stored(live)
-        to_run = []
         for req in live:
             if req.id in done_before:
                 logger.info("Task %s already has a result; acking its redelivery", req.id)
                 self._completed.append(Completion(req, None, 0.0, 0))
-            else:
-                to_run.append(req)
         if done_before:
             self._handoff.call(self.drain)
+        to_run = [req for req in live if req.id not in done_before]
         # A request whose earlier delivery reached the model and left no result may have
         # killed the worker: it runs alone, so it cannot use up its batch-mates' attempts.
         suspect = self._reached_model_before(to_run)
+        for req in to_run:
+            if req.id in suspect:
+                self._finish_all()
+                self._enter([req], arrivals)
+                self._finish_all()
         fresh = [req for req in to_run if req.id not in suspect]
-        for group in ([fresh] if fresh else []) + [[req] for req in to_run if req.id in suspect]:
-            self._run_group(group, arrivals, started)
-            started = self._clock()
+        if fresh:
+            self._enter(fresh, arrivals)
 
-    def _run_group(self, group: list[Request], arrivals: dict[str, float], started: float) -> None:
-        """Run one model batch; store each outcome, then hand the acks to the loop."""
+    def _enter(self, group: list[Request], arrivals: dict[str, float]) -> None:
+        """Count the attempt, then hand the requests to the executor."""
         attempts = self._count_attempts(group)
-        runnable = [req for req in group if attempts[req.id] <= self._max_attempts]
-        outcomes = {req.id: self._gave_up(req, attempts[req.id]) for req in group}
-        if runnable:
-            ran = self._executor.run([(req.id, req.kwargs) for req in runnable])
-            outcomes.update((outcome.task_id, outcome) for outcome in ran)
-        runtime = self._clock() - started
+        now = self._clock()
         for req in group:
-            outcome = outcomes[req.id]
+            self._inside[req.id] = (req, now)
+            self._window.admitted += 1
+            self._window.wait_s += now - arrivals[req.id]
+        runnable = [req for req in group if attempts[req.id] <= self._max_attempts]
+        given_up = [
+            self._gave_up(req, attempts[req.id])
+            for req in group
+            if attempts[req.id] > self._max_attempts
+        ]
+        self._complete(given_up + self._executor.admit([(r.id, r.kwargs) for r in runnable]))
+
+    def _finish_all(self) -> None:
+        while self._executor.has_work():
+            self._step()
+
+    def _step(self) -> None:
+        report = self._executor.step()
+        self._last_rows = report.rows
+        self._window.add_step(report)
+        self._complete(report.outcomes, rows=report.rows)
+        if not self._executor.has_work() or time.monotonic() - self._window.started >= 1.0:
+            self._observe()
+
+    def _complete(self, outcomes: list[Outcome], rows: int = 0) -> None:
+        """Store each outcome, then hand the announcements and acks to the loop."""
+        if not outcomes:
+            return
+        now = self._clock()
+        for outcome in outcomes:
+            req, entered = self._inside.pop(outcome.task_id)
+            self._window.add_outcome(outcome)
             try:
                 self._store(req, outcome)
             except Exception:
                 logger.exception("Could not store the result of %s; requeueing it", req.id)
                 self._handoff.call(req.reject, True)
                 continue
-            self._completed.append(Completion(req, outcome, runtime, len(runnable)))
+            self._completed.append(Completion(req, outcome, now - entered, rows))
         self._handoff.call(self.drain)
-        self._observe(group, outcomes, arrivals, started, runtime)
 
     def _reached_model_before(self, requests: list[Request]) -> set[str]:
         """Ids whose attempt counter is already set: an earlier delivery reached the model."""
@@ -255,26 +340,25 @@ class Batcher:
         )
         return Outcome(task_id=req.id, error=error, traceback=None)
 
-    def _observe(
-        self,
-        requests: list[Request],
-        outcomes: dict[str, Outcome],
-        arrivals: dict[str, float],
-        started: float,
-        runtime_s: float,
-    ) -> None:
-        if not self._observers or not requests:
+    def _observe(self) -> None:
+        window, self._window = self._window, _Window()
+        if not self._observers or not window.steps:
             return
-        results = [o.result for o in outcomes.values() if o.result is not None]
         stats = BatchStats(
             finished_at=time.time(),
-            batch_size=len(requests),
-            failed=sum(o.error is not None for o in outcomes.values()),
+            window_s=time.monotonic() - window.started,
+            steps=window.steps,
+            batch_size=window.rows / window.steps,
+            slots_in_use=self._last_rows,
+            finished=window.finished,
+            failed=window.failed,
             pending=len(self._pending),
-            queue_wait_ms=1000.0 * sum(started - arrivals[r.id] for r in requests) / len(requests),
-            model_ms=runtime_s * 1000.0,
-            prompt_tokens=sum(r["prompt_tokens"] for r in results),
-            answer_tokens=sum(r["answer_tokens"] for r in results),
+            queue_wait_ms=1000.0 * window.wait_s / window.admitted if window.admitted else 0.0,
+            model_ms=window.model_ms,
+            prefill_ms=window.prefill_ms,
+            decode_ms=window.decode_ms,
+            prompt_tokens=window.prompt_tokens,
+            answer_tokens=window.answer_tokens,
         )
         for observer in self._observers:
             try:

@@ -9,11 +9,20 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 
 from producer.errors import ConfigurationError
 from worker.batcher import Batcher
-from worker.executor import BatchExecutor, ImageSource
+from worker.executor import (
+    BatchExecutor,
+    ContinuousExecutor,
+    Executor,
+    ImageSource,
+    RequestReader,
+)
 from worker.handoff import LoopHandoff
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
+
+# Room in each engine slot for the prompt (chat template and question) besides the answer.
+PROMPT_TOKENS = 512
 
 
 def refuse_prefork(pool_cls: Any) -> None:
@@ -44,13 +53,12 @@ class BatchingStep(bootsteps.StartStopStep):
         app = worker.app
         settings: WorkerSettings = app.vlmq_worker_settings
         images: ImageSource = app.vlmq_image_source
-        runner = load_runner(settings)
-        executor = BatchExecutor(runner, images, settings.limits, settings.served_model)
+        reader = RequestReader(images, settings.limits, settings.served_model)
+        executor = load_executor(settings, reader)
         batcher = Batcher(
             executor,
             LoopHandoff(worker.hub),
             app,
-            max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s,
             max_attempts=settings.max_attempts,
             observers=app.vlmq_batch_observers,
@@ -65,12 +73,11 @@ class BatchingStep(bootsteps.StartStopStep):
     terminate = stop
 
 
-def load_runner(settings: WorkerSettings):
-    """Load the one resident model and warm it up; fail fast on a bad setting."""
+def load_executor(settings: WorkerSettings, reader: RequestReader) -> Executor:
+    """Load the one resident model, build its executor, warm it up; fail fast on bad settings."""
     import torch
 
     from worker.model.loading import load_model
-    from worker.model.runner import MllamaRunner
 
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ConfigurationError(
@@ -84,12 +91,31 @@ def load_runner(settings: WorkerSettings):
         attn_implementation=settings.attn_implementation,
         device=settings.device,
     )
-    runner = MllamaRunner(model, processor)
     logger.info(
         "Loaded %s (%s) in %.1f s", settings.model, settings.precision, time.perf_counter() - t0
     )
+    executor: Executor
+    if settings.engine == "batch":
+        from worker.model.runner import MllamaRunner
+
+        executor = BatchExecutor(MllamaRunner(model, processor), reader, settings.max_batch_size)
+    else:
+        from worker.engine import ContinuousEngine
+
+        t0 = time.perf_counter()
+        engine = ContinuousEngine(
+            model,
+            processor,
+            max_slots=settings.max_batch_size,
+            max_seq_len=settings.limits.max_new_tokens + PROMPT_TOKENS,
+        )
+        logger.info(
+            "Engine ready in %.1f s: %d slots of %d tokens",
+            time.perf_counter() - t0, engine.max_slots, engine.max_seq_len,
+        )  # fmt: skip
+        executor = ContinuousExecutor(engine, reader)
     if settings.warmup:
         t0 = time.perf_counter()
-        runner.warmup()
+        executor.warmup()
         logger.info("Warmed up in %.1f s", time.perf_counter() - t0)
-    return runner
+    return executor

@@ -1,22 +1,31 @@
-"""Turn a batch of task messages into per-task outcomes, one failure never sinking the rest."""
+"""Turn task messages into per-task outcomes, one failure never sinking the rest.
+
+Two executors share one interface (:class:`Executor`), both Celery-free:
+
+- :class:`BatchExecutor` runs each batch as one transformers ``generate`` (the reference);
+- :class:`ContinuousExecutor` feeds the continuous-batching engine: requests join free slots
+  between decode steps and leave as soon as they finish.
+"""
 
 import dataclasses
 import logging
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
-from producer.errors import ModelError, VlmqError, WrongModel
+from producer.errors import InvalidRequest, ModelError, VlmqError, WrongModel
 from producer.images import decode_image
 from producer.protocol import AnalysisRequest, Limits
 from producer.results import parse_cot
-from worker.model.runner import Generation, GenerationRequest
+from worker.model.runner import Generation, GenerationRequest, warmup_request
 
 logger = logging.getLogger(__name__)
+
+Message = tuple[str, Mapping[str, Any]]  # (task id, task kwargs)
 
 
 class ImageSource(Protocol):
@@ -26,6 +35,7 @@ class ImageSource(Protocol):
 class BatchRunner(Protocol):
     def prepare(self, requests: list[GenerationRequest]) -> Any: ...
     def generate(self, batch: Any) -> list[Generation]: ...
+    def warmup(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -39,107 +49,228 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class _Ready:
+class StepReport:
+    """What one executor step did: the tasks it finished and where the time went."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    rows: int = 0  # requests computed together in this step (batch size / slots in use)
+    prefill_ms: float | None = None  # None: the executor does not tell prefill from decode
+    decode_ms: float | None = None
+    model_ms: float = 0.0
+
+
+class Executor(Protocol):
+    """How the batcher drives a model; everything runs on the batcher's model thread."""
+
+    def room(self) -> int:
+        """How many more requests it can take now."""
+
+    def has_work(self) -> bool:
+        """Whether a :meth:`step` would compute anything."""
+
+    def admit(self, messages: Sequence[Message]) -> list[Outcome]:
+        """Take requests; returns the outcomes of those that failed at once."""
+
+    def step(self) -> StepReport:
+        """Compute; returns the requests that finished."""
+
+    def warmup(self) -> None:
+        """Run a small request through the model path, before the worker takes tasks."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A validated request with its decoded image, waiting for or inside the model."""
+
     task_id: str
     request: AnalysisRequest
     image: Image.Image
+    admitted_at: float  # epoch seconds
+
+    def generation_request(self) -> GenerationRequest:
+        return GenerationRequest(
+            image=self.image,
+            question=self.request.question,
+            max_new_tokens=self.request.max_new_tokens,
+            temperature=self.request.temperature,
+            top_p=self.request.top_p,
+        )
 
 
-def _failure(task_id: str, exc: VlmqError) -> Outcome:
+class RequestReader:
+    """Validates a message and loads its image from the claim check."""
+
+    def __init__(self, images: ImageSource, limits: Limits, served_model: str) -> None:
+        self._images = images
+        self._limits = limits
+        self.served_model = served_model
+
+    def read(self, task_id: str, kwargs: Mapping[str, Any]) -> Ready:
+        """Raises the named :class:`VlmqError` that says what is wrong with the request."""
+        request = AnalysisRequest.from_message(kwargs, self._limits)
+        if request.model not in (None, self.served_model):
+            raise WrongModel(
+                f"this request is for {request.model!r} but the worker that received "
+                f"it serves {self.served_model!r}; check the queue routing"
+            )
+        image = decode_image(self._images.get(request.image_key), self._limits)
+        return Ready(task_id, request, image, time.time())
+
+    def read_all(self, messages: Sequence[Message]) -> tuple[list[Ready], list[Outcome]]:
+        ready, failed = [], []
+        for task_id, kwargs in messages:
+            try:
+                ready.append(self.read(task_id, kwargs))
+            except VlmqError as exc:
+                failed.append(failure(task_id, exc))
+        return ready, failed
+
+    def success(self, ready: Ready, gen: Generation, gpu_ms: float, batch_size: int) -> Outcome:
+        """The stored result of a finished request."""
+        stages = parse_cot(gen.text)
+        queued_ms = max(0.0, (ready.admitted_at - ready.request.submitted_at) * 1000.0)
+        result = {
+            "answer": gen.text,
+            "stages": dataclasses.asdict(stages) if stages is not None else None,
+            "prompt_tokens": gen.prompt_tokens,
+            "answer_tokens": gen.answer_tokens,
+            "timings": {"queued_ms": queued_ms, "batch_size": batch_size, "gpu_ms": gpu_ms},
+            "model": self.served_model,
+        }
+        return Outcome(task_id=ready.task_id, result=result)
+
+
+def failure(task_id: str, exc: VlmqError) -> Outcome:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return Outcome(task_id=task_id, error=exc, traceback=tb)
 
 
-class BatchExecutor:
-    """Validates, loads and generates for a batch; knows nothing of Celery.
+def model_failure(task_id: str, exc: Exception) -> Outcome:
+    """A request the model failed on alone, as a named :class:`ModelError`."""
+    error = ModelError(f"the model failed on this request: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return failure(task_id, error)
 
-    A batch whose generation raises is split in halves and retried, so a request
-    that breaks the model (or a batch too large for memory) fails alone as
-    :class:`ModelError` while every other request still gets its answer.
+
+class BatchExecutor:
+    """Each batch is one transformers ``generate``; a failing batch is split and retried.
+
+    Splitting in halves means a request that breaks the model (or a batch too large for
+    memory) fails alone as :class:`ModelError` while every other request gets its answer.
     """
 
-    def __init__(
-        self, runner: BatchRunner, images: ImageSource, limits: Limits, served_model: str
-    ) -> None:
+    def __init__(self, runner: BatchRunner, reader: RequestReader, max_batch_size: int) -> None:
         self._runner = runner
-        self._images = images
-        self._limits = limits
-        self._served_model = served_model
+        self._reader = reader
+        self._max_batch_size = max_batch_size
+        self._ready: list[Ready] = []
 
-    def run(self, messages: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Outcome]:
-        """Run ``(task_id, task kwargs)`` pairs; one outcome per pair, in order."""
-        started = time.time()
-        outcomes: dict[str, Outcome] = {}
-        ready: list[_Ready] = []
-        for task_id, kwargs in messages:
-            try:
-                request = AnalysisRequest.from_message(kwargs, self._limits)
-                if request.model not in (None, self._served_model):
-                    raise WrongModel(
-                        f"this request is for {request.model!r} but the worker that received "
-                        f"it serves {self._served_model!r}; check the queue routing"
-                    )
-                image = decode_image(self._images.get(request.image_key), self._limits)
-            except VlmqError as exc:
-                outcomes[task_id] = _failure(task_id, exc)
-            else:
-                ready.append(_Ready(task_id, request, image))
-        for outcome in self._generate_isolating_failures(ready, started):
-            outcomes[outcome.task_id] = outcome
+    def room(self) -> int:
+        return 0 if self._ready else self._max_batch_size
+
+    def has_work(self) -> bool:
+        return bool(self._ready)
+
+    def admit(self, messages: Sequence[Message]) -> list[Outcome]:
+        ready, failed = self._reader.read_all(messages)
+        self._ready.extend(ready)
+        return failed
+
+    def step(self) -> StepReport:
+        ready, self._ready = self._ready, []
+        t0 = time.perf_counter()
+        outcomes = self._generate_isolating_failures(ready)
+        model_ms = (time.perf_counter() - t0) * 1000.0
+        return StepReport(outcomes=outcomes, rows=len(ready), model_ms=model_ms)
+
+    def warmup(self) -> None:
+        self._runner.warmup()
+
+    def run(self, messages: Sequence[Message]) -> list[Outcome]:
+        """Admit and step at once; one outcome per message, in order."""
+        outcomes = {o.task_id: o for o in self.admit(messages)}
+        outcomes.update((o.task_id, o) for o in self.step().outcomes)
         return [outcomes[task_id] for task_id, _ in messages]
 
-    def _generate_isolating_failures(self, ready: list[_Ready], started: float) -> list[Outcome]:
+    def _generate_isolating_failures(self, ready: list[Ready]) -> list[Outcome]:
         if not ready:
             return []
         try:
             t0 = time.perf_counter()
-            generations = self._runner.generate(
-                self._runner.prepare([_generation_request(r.request, r.image) for r in ready])
-            )
+            batch = self._runner.prepare([r.generation_request() for r in ready])
+            generations = self._runner.generate(batch)
             gpu_ms = (time.perf_counter() - t0) * 1000.0
         except Exception as exc:
             _release_cuda_cache()
             if len(ready) == 1:
                 logger.exception("Model failed on task %s alone", ready[0].task_id)
-                error = ModelError(f"the model failed on this request: {type(exc).__name__}: {exc}")
-                error.__cause__ = exc
-                return [_failure(ready[0].task_id, error)]
+                return [model_failure(ready[0].task_id, exc)]
             logger.warning("Batch of %d failed (%r); retrying in halves", len(ready), exc)
             half = len(ready) // 2
             return self._generate_isolating_failures(
-                ready[:half], started
-            ) + self._generate_isolating_failures(ready[half:], started)
+                ready[:half]
+            ) + self._generate_isolating_failures(ready[half:])
         return [
-            Outcome(task_id=r.task_id, result=self._result(r, g, started, gpu_ms, len(ready)))
+            self._reader.success(r, g, gpu_ms, len(ready))
             for r, g in zip(ready, generations, strict=True)
         ]
 
-    def _result(
-        self, ready: _Ready, gen: Generation, started: float, gpu_ms: float, batch_size: int
-    ) -> dict[str, Any]:
-        stages = parse_cot(gen.text)
-        return {
-            "answer": gen.text,
-            "stages": dataclasses.asdict(stages) if stages is not None else None,
-            "prompt_tokens": gen.prompt_tokens,
-            "answer_tokens": gen.answer_tokens,
-            "timings": {
-                "queued_ms": max(0.0, (started - ready.request.submitted_at) * 1000.0),
-                "batch_size": batch_size,
-                "gpu_ms": gpu_ms,
-            },
-            "model": self._served_model,
-        }
 
+class ContinuousExecutor:
+    """Feeds :class:`worker.engine.ContinuousEngine`: requests join between decode steps."""
 
-def _generation_request(request: AnalysisRequest, image: Image.Image) -> GenerationRequest:
-    return GenerationRequest(
-        image=image,
-        question=request.question,
-        max_new_tokens=request.max_new_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-    )
+    def __init__(self, engine: Any, reader: RequestReader) -> None:
+        self._engine = engine
+        self._reader = reader
+        self._inside: dict[str, Ready] = {}
+
+    def warmup(self) -> None:
+        self._engine.submit("vlmq-warmup", warmup_request())
+        while self._engine.has_work():
+            self._engine.step()
+
+    def room(self) -> int:
+        # Only as many as can start now: the rest stay in the batcher's buffer, where a
+        # revoke or `expires` still reaches them.
+        return max(0, self._engine.free_slots - self._engine.waiting)
+
+    def has_work(self) -> bool:
+        return self._engine.has_work()
+
+    def admit(self, messages: Sequence[Message]) -> list[Outcome]:
+        ready, failed = self._reader.read_all(messages)
+        for r in ready:
+            try:
+                self._engine.submit(r.task_id, r.generation_request())
+            except ValueError as exc:
+                failed.append(failure(r.task_id, InvalidRequest(str(exc))))
+            else:
+                self._inside[r.task_id] = r
+        return failed
+
+    def step(self) -> StepReport:
+        stats = self._engine.stats
+        prefill0, decode0 = stats.prefill_ms, stats.decode_ms
+        rows = self._engine.active + self._engine.waiting
+        t0 = time.perf_counter()
+        finished = self._engine.step()
+        model_ms = (time.perf_counter() - t0) * 1000.0
+        now = time.time()
+        outcomes = []
+        for task_id, answer in finished:
+            ready = self._inside.pop(task_id)
+            if isinstance(answer, Exception):
+                outcomes.append(model_failure(task_id, answer))
+            else:
+                gpu_ms = (now - ready.admitted_at) * 1000.0
+                outcomes.append(self._reader.success(ready, answer, gpu_ms, rows))
+        return StepReport(
+            outcomes=outcomes,
+            rows=rows,
+            prefill_ms=stats.prefill_ms - prefill0,
+            decode_ms=stats.decode_ms - decode0,
+            model_ms=model_ms,
+        )
 
 
 def _release_cuda_cache() -> None:

@@ -8,6 +8,7 @@ from producer.errors import ConfigurationError
 from producer.protocol import Limits, env_int, served_model_id
 
 PRECISIONS = ("bf16", "fp16", "fp32", "nf4", "int8")
+ENGINES = ("continuous", "batch")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cuda", "cpu")
 
@@ -25,7 +26,10 @@ class WorkerSettings:
 
     Environment variables (all prefixed ``VLMQ_``): ``MODEL`` (local directory or hub
     id, required), ``PRECISION`` (bf16, fp16, fp32, nf4, int8), ``ATTN`` (sdpa, eager,
-    flash_attention_2), ``DEVICE`` (cuda, cpu), ``MAX_BATCH_SIZE``, ``MAX_WAIT_MS``,
+    flash_attention_2), ``DEVICE`` (cuda, cpu), ``ENGINE`` (continuous: iteration-level
+    batching over slots with CUDA-graph decode; batch: one transformers ``generate`` per
+    batch), ``MAX_BATCH_SIZE`` (requests computed together: the engine's slots),
+    ``MAX_WAIT_MS``,
     ``WARMUP`` (1/0), ``MAX_ATTEMPTS`` (runs of a task that may end without a result —
     a worker crash — before it fails as ``ModelError``), plus the request limits of
     :class:`producer.protocol.Limits` (``MAX_NEW_TOKENS`` is the cap on new tokens).
@@ -35,7 +39,8 @@ class WorkerSettings:
     precision: str = "bf16"
     attn_implementation: str = "sdpa"
     device: str = "cuda"
-    max_batch_size: int = 16
+    engine: str = "continuous"
+    max_batch_size: int = 32
     max_wait_ms: int = 50
     warmup: bool = True
     max_attempts: int = 3
@@ -80,7 +85,8 @@ class WorkerSettings:
             precision=precision,
             attn_implementation=_choice(env, "VLMQ_ATTN", "sdpa", ATTENTION),
             device=device,
-            max_batch_size=env_int(env, "VLMQ_MAX_BATCH_SIZE", 16, low=1, high=1024),
+            engine=_choice(env, "VLMQ_ENGINE", "continuous", ENGINES),
+            max_batch_size=env_int(env, "VLMQ_MAX_BATCH_SIZE", 32, low=1, high=1024),
             max_wait_ms=env_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
             warmup=warmup in ("1", "true", "yes"),
             max_attempts=env_int(env, "VLMQ_MAX_ATTEMPTS", 3, low=1, high=100),

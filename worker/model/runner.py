@@ -189,8 +189,10 @@ class MllamaRunner:
 
     def warmup(self) -> None:
         """Run one small generate on a synthetic image, so the first real batch is not slow."""
-        image = Image.new("RGB", (64, 48), color=(128, 64, 32))
-        request = GenerationRequest(
-            image=image, question="What is in this image?", max_new_tokens=2
-        )
-        self.generate(self.prepare([request]))
+        self.generate(self.prepare([warmup_request()]))
+
+
+def warmup_request() -> GenerationRequest:
+    """A small request on a synthetic image, to warm a model path up before real work."""
+    image = Image.new("RGB", (64, 48), color=(128, 64, 32))
+    return GenerationRequest(image=image, question="What is in this image?", max_new_tokens=2)
