@@ -107,22 +107,26 @@ def plot(lines: Mapping[str, Timeline], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (gpu_ax, batch_ax, queue_ax) = plt.subplots(3, 1, figsize=(9, 7.5), sharex=True)
-    mem_ax = gpu_ax.twinx()
+    has_mem = any(line.gpu_mem_gib.v for line in lines.values())
+    mem_ax = gpu_ax.twinx() if has_mem else None
     for i, (host, line) in enumerate(sorted(lines.items())):
         color = f"C{i % 10}"
         gpu_ax.plot(line.gpu_util.t, line.gpu_util.v, color=color, label=host)
-        mem_ax.plot(line.gpu_mem_gib.t, line.gpu_mem_gib.v, color=color, ls=":", alpha=0.7)
+        if mem_ax is not None:
+            mem_ax.plot(line.gpu_mem_gib.t, line.gpu_mem_gib.v, color=color, ls=":", alpha=0.7)
         batch_ax.plot(line.batch_size.t, line.batch_size.v, "o", ms=4, color=color, label=host)
-        queue_ax.plot(line.queue_depth.t, line.queue_depth.v, color=color, label=f"{host} broker")
-        queue_ax.plot(line.queue_buffered.t, line.queue_buffered.v, color=color, ls="--",
-                      label=f"{host} buffered")  # fmt: skip
+        queue_ax.step(line.queue_depth.t, line.queue_depth.v, where="post", color=color,
+                      label=f"{host} broker")  # fmt: skip
+        queue_ax.step(line.queue_buffered.t, line.queue_buffered.v, where="post", color=color,
+                      ls="--", label=f"{host} buffered")  # fmt: skip
     if not any(line.gpu_util.v for line in lines.values()):
         gpu_ax.text(0.5, 0.5, "no GPU figures (CPU worker, or NVML unavailable)",
                     ha="center", va="center", transform=gpu_ax.transAxes, color="0.4")  # fmt: skip
     gpu_ax.set_ylim(0, 105)
     gpu_ax.set_ylabel("GPU utilisation, %")
-    mem_ax.set_ylabel("memory used, GiB (dotted)")
-    mem_ax.set_ylim(bottom=0)
+    if mem_ax is not None:
+        mem_ax.set_ylabel("memory used, GiB (dotted)")
+        mem_ax.set_ylim(bottom=0)
     batch_ax.set_ylabel("batch size")
     batch_ax.set_ylim(bottom=0)
     queue_ax.set_ylabel("queue depth")

@@ -8,17 +8,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.monitoring.schema import Sample
+from worker.monitoring.schema import Sample, report_finished, report_steps
 
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-BATCH_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
 class WorkerMetrics:
-    """Histograms and counters fed by batches, gauges read from the latest sample.
+    """Histograms and counters fed by batch reports, gauges read from the latest sample.
 
     Metrics live in their own registry, so several can exist in one process (tests). A
     gauge whose figure is unknown (no GPU) is absent from the scrape, never a false 0.
@@ -29,24 +28,33 @@ class WorkerMetrics:
         r = self.registry
         Info("vlmq_model", "The model this worker serves", registry=r).info(dict(model_info))
         self.batch_size = Histogram(
-            "vlmq_batch_size", "Requests per batch", buckets=BATCH_SIZE_BUCKETS, registry=r
+            "vlmq_batch_size",
+            "Mean requests per model step, one observation per report (a batch, or ~1 s of "
+            "engine steps)",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
             "vlmq_queue_wait_seconds",
-            "Mean time a batch's requests waited in the worker's buffer",
+            "Mean time the requests admitted in a report waited in the worker's buffer",
             buckets=WAIT_BUCKETS,
             registry=r,
         )
-        self.batch_seconds = Histogram(
-            "vlmq_batch_seconds",
-            "Model time per batch: validation, image loading and generation",
-            buckets=BATCH_SECONDS_BUCKETS,
-            registry=r,
+        self.steps = Counter(
+            "vlmq_model_steps", "Model steps (batches or decode steps)", registry=r
+        )
+        self.rows = Counter(
+            "vlmq_batch_rows", "Requests computed per model step, summed over steps", registry=r
+        )
+        self.seconds = Counter(
+            "vlmq_model_seconds", "Time inside model steps, by phase", ["phase"], registry=r
         )
         self.tasks = Counter(
-            "vlmq_tasks", "Tasks that reached the model, by outcome", ["outcome"], registry=r
+            "vlmq_tasks", "Tasks that ended in the model, by outcome", ["outcome"], registry=r
         )
         self.tokens = Counter("vlmq_tokens", "Tokens, prompt and answer", ["kind"], registry=r)
+        for phase in ("all", "prefill", "decode"):
+            self.seconds.labels(phase)
         for outcome in ("succeeded", "failed"):
             self.tasks.labels(outcome)
         for kind in ("prompt", "answer"):
@@ -55,11 +63,18 @@ class WorkerMetrics:
         r.register(_SampleCollector(self))
 
     def observe_batch(self, stats: Any) -> None:
-        """Count one :class:`worker.batcher.BatchStats`."""
+        """Count one :class:`worker.batcher.BatchStats` report."""
+        steps, finished = report_steps(stats), report_finished(stats)
         self.batch_size.observe(stats.batch_size)
         self.queue_wait.observe(stats.queue_wait_ms / 1000.0)
-        self.batch_seconds.observe(stats.model_ms / 1000.0)
-        self.tasks.labels("succeeded").inc(stats.batch_size - stats.failed)
+        self.steps.inc(steps)
+        self.rows.inc(stats.batch_size * steps)
+        self.seconds.labels("all").inc(stats.model_ms / 1000.0)
+        for phase in ("prefill", "decode"):
+            ms = getattr(stats, f"{phase}_ms", None)
+            if ms is not None:
+                self.seconds.labels(phase).inc(ms / 1000.0)
+        self.tasks.labels("succeeded").inc(finished - stats.failed)
         self.tasks.labels("failed").inc(stats.failed)
         self.tokens.labels("prompt").inc(stats.prompt_tokens)
         self.tokens.labels("answer").inc(stats.answer_tokens)

@@ -13,7 +13,7 @@ GPU_EVENT = "worker-gpu"
 """Sent every ``VLMQ_MONITOR_INTERVAL_MS``: GPU figures, queue depth and running totals."""
 
 BATCH_EVENT = "worker-batch"
-"""Sent after every batch: its size, waits, times and tokens."""
+"""Sent after every batch (or about every second of engine steps): sizes, waits, times."""
 
 GPU_FIELDS = {
     "gpu_name": "the GPU's model name",
@@ -24,25 +24,29 @@ GPU_FIELDS = {
     "gpu_temp_c": "GPU temperature, °C",
     "queue_depth": "messages waiting in the broker for this worker's queues",
     "queue_buffered": "requests prefetched into this worker that are not running yet",
-    "batches_total": "batches run since the worker started",
-    "tasks_total": "tasks that reached the model since the worker started",
+    "model_steps_total": "model steps (batches, or engine decode steps) since the worker started",
+    "batch_rows_total": "requests computed in those steps, summed over steps",
+    "tasks_total": "tasks that ended in the model since the worker started",
     "tasks_failed_total": "of those, how many ended in a named error",
     "prompt_tokens_total": "prompt tokens since the worker started",
     "answer_tokens_total": "generated tokens since the worker started",
 }
 
 BATCH_FIELDS = {
-    "batch_size": "requests that reached the model",
+    "batch_size": "mean requests computed together per model step",
+    "batch_steps": "model steps this report covers (1 for a batch)",
+    "batch_window_s": "wall time this report covers",
+    "batch_finished": "requests that ended",
     "batch_failed": "of those, how many ended in a named error",
-    "queue_buffered": "requests still buffered in this worker after this batch was cut",
-    "queue_wait_ms": "mean time the batch's requests waited in the worker's buffer",
-    "batch_model_ms": "validation, image loading and generation",
-    "batch_prompt_tokens": "prompt tokens of the batch",
-    "batch_answer_tokens": "generated tokens of the batch",
-    "batch_tokens_per_s": "generated tokens per second of model time",
-    "batch_prefill_ms": "prefill time (when the engine reports it)",
-    "batch_decode_ms": "decode time (when the engine reports it)",
-    "batch_slots_in_use": "engine slots in use (when the engine reports it)",
+    "batch_slots_in_use": "requests inside the model after the last step",
+    "queue_buffered": "requests still buffered in this worker",
+    "queue_wait_ms": "mean time the requests admitted waited in the worker's buffer",
+    "batch_model_ms": "time inside model steps",
+    "batch_prefill_ms": "of which prefill (when the executor tells it apart)",
+    "batch_decode_ms": "of which decode (when the executor tells it apart)",
+    "batch_prompt_tokens": "prompt tokens of the requests that ended",
+    "batch_answer_tokens": "generated tokens of the requests that ended",
+    "batch_tokens_per_s": "generated tokens per second",
 }
 
 
@@ -60,23 +64,36 @@ class GpuReading:
 
 @dataclass(frozen=True)
 class Totals:
-    """Running totals of what the worker's batches did."""
+    """Running totals of what the worker's model did."""
 
-    batches: int = 0
+    steps: int = 0
+    rows: float = 0.0
     tasks: int = 0
     failed: int = 0
     prompt_tokens: int = 0
     answer_tokens: int = 0
 
     def add(self, stats: Any) -> "Totals":
-        """These totals plus one :class:`worker.batcher.BatchStats`."""
+        """These totals plus one :class:`worker.batcher.BatchStats` report."""
+        steps = report_steps(stats)
         return Totals(
-            batches=self.batches + 1,
-            tasks=self.tasks + stats.batch_size,
+            steps=self.steps + steps,
+            rows=self.rows + stats.batch_size * steps,
+            tasks=self.tasks + report_finished(stats),
             failed=self.failed + stats.failed,
             prompt_tokens=self.prompt_tokens + stats.prompt_tokens,
             answer_tokens=self.answer_tokens + stats.answer_tokens,
         )
+
+
+def report_steps(stats: Any) -> int:
+    """Model steps a report covers; a report without ``steps`` is one batch."""
+    return getattr(stats, "steps", 1)
+
+
+def report_finished(stats: Any) -> int:
+    """Requests that ended in a report; without ``finished``, the whole batch."""
+    return getattr(stats, "finished", stats.batch_size)
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,8 @@ def sample_fields(sample: Sample) -> dict[str, Any]:
         gpu_temp_c=gpu.temp_c,
         queue_depth=sample.queue_depth,
         queue_buffered=sample.queue_buffered,
-        batches_total=totals.batches,
+        model_steps_total=totals.steps,
+        batch_rows_total=_round(totals.rows),
         tasks_total=totals.tasks,
         tasks_failed_total=totals.failed,
         prompt_tokens_total=totals.prompt_tokens,
@@ -112,20 +130,24 @@ def sample_fields(sample: Sample) -> dict[str, Any]:
 def batch_fields(stats: Any) -> dict[str, Any]:
     """The fields of a ``worker-batch`` event from a :class:`worker.batcher.BatchStats`.
 
-    ``prefill_ms``, ``decode_ms`` and ``slots_in_use`` are sent once the stats carry them.
+    Figures the executor does not report (``prefill_ms`` of the batch executor, say) are
+    left out.
     """
     return _present(
-        batch_size=stats.batch_size,
+        batch_size=_round(stats.batch_size),
+        batch_steps=report_steps(stats),
+        batch_window_s=_round(getattr(stats, "window_s", None)),
+        batch_finished=report_finished(stats),
         batch_failed=stats.failed,
+        batch_slots_in_use=getattr(stats, "slots_in_use", None),
         queue_buffered=stats.pending,
         queue_wait_ms=_round(stats.queue_wait_ms),
         batch_model_ms=_round(stats.model_ms),
+        batch_prefill_ms=_round(getattr(stats, "prefill_ms", None)),
+        batch_decode_ms=_round(getattr(stats, "decode_ms", None)),
         batch_prompt_tokens=stats.prompt_tokens,
         batch_answer_tokens=stats.answer_tokens,
         batch_tokens_per_s=_round(stats.tokens_per_s),
-        batch_prefill_ms=_round(getattr(stats, "prefill_ms", None)),
-        batch_decode_ms=_round(getattr(stats, "decode_ms", None)),
-        batch_slots_in_use=getattr(stats, "slots_in_use", None),
     )
 
 

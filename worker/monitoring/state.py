@@ -22,9 +22,10 @@ class WorkerRow:
     gpu_temp_c: float | None
     queue_depth: int | None
     queue_buffered: int | None
-    last_batch_size: int | None
+    last_batch_size: float | None  # of the last report: mean requests per model step
     mean_batch_size: float | None  # over the window, else since the worker started
-    queue_wait_ms: float | None  # of the last batch
+    queue_wait_ms: float | None  # of the last report
+    slots_in_use: int | None  # requests inside the model after the last report
     tasks_total: int | None
     tasks_failed_total: int | None
     tasks_per_s: float | None  # over the window
@@ -37,8 +38,8 @@ class _Worker:
     last_seen: float = 0.0
     offline: bool = False
     figures: dict[str, Any] = field(default_factory=dict)
-    # (timestamp, batches_total, tasks_total, answer_tokens_total) of recent samples
-    totals: deque[tuple[float, int, int, int]] = field(default_factory=deque)
+    # (timestamp, model_steps_total, batch_rows_total, tasks_total, answer_tokens_total)
+    totals: deque[tuple[float, float, float, float, float]] = field(default_factory=deque)
 
 
 class ClusterState:
@@ -68,20 +69,21 @@ class ClusterState:
             worker.figures.update(
                 last_batch_size=event.get("batch_size"),
                 queue_wait_ms=event.get("queue_wait_ms"),
+                slots_in_use=event.get("batch_slots_in_use"),
                 queue_buffered=event.get("queue_buffered", worker.figures.get("queue_buffered")),
             )
 
     def _apply_sample(self, worker: _Worker, event: Mapping[str, Any]) -> None:
         gpu_keys = ("gpu_name", "gpu_util", "gpu_mem_used", "gpu_mem_total", "gpu_power_w",
-                    "gpu_temp_c", "queue_depth", "queue_buffered", "batches_total",
-                    "tasks_total", "tasks_failed_total")  # fmt: skip
+                    "gpu_temp_c", "queue_depth", "queue_buffered", "model_steps_total",
+                    "batch_rows_total", "tasks_total", "tasks_failed_total")  # fmt: skip
         worker.figures.update({key: event.get(key) for key in gpu_keys})
         if "tasks_total" not in event:
             return
         t = float(event.get("timestamp") or _received(event))
         worker.totals.append(
-            (t, event.get("batches_total", 0), event["tasks_total"],
-             event.get("answer_tokens_total", 0))
+            (t, event.get("model_steps_total", 0), event.get("batch_rows_total", 0),
+             event["tasks_total"], event.get("answer_tokens_total", 0))
         )  # fmt: skip
         while len(worker.totals) > 2 and worker.totals[1][0] <= t - self.window_s:
             worker.totals.popleft()
@@ -95,13 +97,13 @@ class ClusterState:
         online = not worker.offline and now - worker.last_seen < self.offline_after_s
         tasks_per_s = tokens_per_s = mean_batch = None
         if len(worker.totals) >= 2:
-            (t0, b0, n0, k0), (t1, b1, n1, k1) = worker.totals[0], worker.totals[-1]
+            (t0, s0, r0, n0, k0), (t1, s1, r1, n1, k1) = worker.totals[0], worker.totals[-1]
             if t1 > t0:
                 tasks_per_s, tokens_per_s = (n1 - n0) / (t1 - t0), (k1 - k0) / (t1 - t0)
-            if b1 > b0:
-                mean_batch = (n1 - n0) / (b1 - b0)
-        if mean_batch is None and f.get("batches_total"):
-            mean_batch = f["tasks_total"] / f["batches_total"]
+            if s1 > s0:
+                mean_batch = (r1 - r0) / (s1 - s0)
+        if mean_batch is None and f.get("model_steps_total"):
+            mean_batch = f.get("batch_rows_total", 0) / f["model_steps_total"]
         return WorkerRow(
             hostname=worker.hostname,
             online=online,
@@ -116,6 +118,7 @@ class ClusterState:
             last_batch_size=f.get("last_batch_size"),
             mean_batch_size=mean_batch,
             queue_wait_ms=f.get("queue_wait_ms"),
+            slots_in_use=f.get("slots_in_use"),
             tasks_total=f.get("tasks_total"),
             tasks_failed_total=f.get("tasks_failed_total"),
             tasks_per_s=tasks_per_s if online else None,
