@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,6 +13,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
@@ -78,6 +81,13 @@ def _named_error(task_id: str, exc: BaseException) -> errors.VlmqError:
     """
     if isinstance(exc, errors.VlmqError):
         return exc
+    if isinstance(exc, TaskRevokedError):
+        # Celery stores the reason as the message: "expired" for a passed `expires`.
+        if str(exc) == "expired":
+            return errors.TaskExpired(
+                f"task {task_id} expired before a worker started it (TaskRevokedError: expired)"
+            )
+        return errors.TaskRevoked(f"task {task_id} was revoked before it ran (TaskRevokedError)")
     named = _NAMED_ERRORS.get(type(exc).__name__)
     if named is not None:
         return named(str(exc))
@@ -101,6 +111,11 @@ class Client:
     claim-check store (``image_store``, else an :class:`ImageStore` on ``settings.redis_url``)
     are created on first use; both must be the ones the worker reads. URLs of private,
     loopback or link-local hosts are refused unless ``allow_private_urls``.
+
+    When ``settings.max_queue_depth`` is set, a submission that would take a queue past it
+    raises :class:`~producer.errors.QueueFull`, or first waits up to ``wait_when_full``
+    seconds for the workers to make room. The limit is approximate: producers that check at
+    the same moment may together pass it by what they send then.
     """
 
     def __init__(
@@ -111,10 +126,12 @@ class Client:
         limits: Limits | None = None,
         image_store: ImageStore | None = None,
         allow_private_urls: bool = False,
+        wait_when_full: float | None = None,
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.limits = limits or Limits.from_env()
         self.allow_private_urls = allow_private_urls
+        self.wait_when_full = wait_when_full
         self._given_app = app
         self._given_images = image_store
 
@@ -240,7 +257,40 @@ class Client:
         queue = self.settings.queue if model is None else model_queue(self.settings.queue, model)
         return _Prepared(data, request, priority, expires, queue)
 
+    def queue_depth(self, queue: str | None = None) -> int:
+        """Tasks waiting in ``queue`` (default: the shared queue), all priorities together;
+        tasks a worker has already taken are not counted."""
+        queue = queue or self.settings.queue
+        # The Redis transport keeps priority p of queue q in the list "q:p" ("q" for 0).
+        keys = [queue, *(f"{queue}:{p}" for p in range(1, 10))]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.llen(key)
+            return sum(pipe.execute())
+
+    def _wait_for_room(self, prepared: list[_Prepared]) -> None:
+        limit = self.settings.max_queue_depth
+        if not limit:
+            return
+        wanted = Counter(item.queue for item in prepared)
+        deadline = time.monotonic() + (self.wait_when_full or 0.0)
+        while True:
+            depths = {queue: self.queue_depth(queue) for queue in wanted}
+            full = [q for q, n in wanted.items() if depths[q] + n > limit]
+            if not full:
+                return
+            if time.monotonic() >= deadline:
+                queue = full[0]
+                waited = f" after waiting {self.wait_when_full:g} s" if self.wait_when_full else ""
+                raise errors.QueueFull(
+                    f"queue {queue!r} holds {depths[queue]} waiting tasks{waited}; with "
+                    f"{wanted[queue]} more it would pass VLMQ_MAX_QUEUE_DEPTH={limit}. "
+                    "Try again later, or pass Client(wait_when_full=SECONDS) to wait for room"
+                )
+            time.sleep(0.05)
+
     def _send(self, prepared: list[_Prepared]) -> list[TaskHandle]:
+        self._wait_for_room(prepared)
         self.images.put_many([item.data for item in prepared])
         with self.app.producer_or_acquire() as producer, producer.batch():
             sent = [

@@ -28,6 +28,8 @@ class Settings:
     image_ttl_s: int = 3600
     visibility_timeout_s: int = 7200
     result_expires_s: int = 86400
+    #: Tasks waiting in a queue beyond which producers get ``QueueFull``; 0: no limit.
+    max_queue_depth: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -61,8 +63,8 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
         """Read ``REDIS_URL``, ``VLMQ_QUEUE``, ``VLMQ_IMAGE_TTL_S``,
-        ``VLMQ_VISIBILITY_TIMEOUT_S`` and ``VLMQ_RESULT_EXPIRES_S``; unset or empty ones keep
-        the defaults.
+        ``VLMQ_VISIBILITY_TIMEOUT_S``, ``VLMQ_RESULT_EXPIRES_S`` and ``VLMQ_MAX_QUEUE_DEPTH``;
+        unset or empty ones keep the defaults.
 
         Raises:
             ConfigurationError: a value is malformed; the message shows the expected form.
@@ -76,6 +78,9 @@ class Settings:
                 environ, "VLMQ_VISIBILITY_TIMEOUT_S", defaults.visibility_timeout_s
             ),
             result_expires_s=env_int(environ, "VLMQ_RESULT_EXPIRES_S", defaults.result_expires_s),
+            max_queue_depth=env_int(
+                environ, "VLMQ_MAX_QUEUE_DEPTH", defaults.max_queue_depth, low=0
+            ),
         )
 
     @property

@@ -41,3 +41,11 @@ class ModelError(VlmqError):
 
 class QueueFull(VlmqError):
     """The queue is deeper than the configured limit; try again later."""
+
+
+class TaskExpired(VlmqError):
+    """The task's ``expires`` deadline passed before a worker started it; it never ran."""
+
+
+class TaskRevoked(VlmqError):
+    """The task was revoked before a worker started it; it never ran."""

@@ -160,6 +160,7 @@ class ResultWrites:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._states: defaultdict[str, list[str]] = defaultdict(list)
+        self._order: list[str] = []
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="result-writes", daemon=True)
@@ -190,6 +191,7 @@ class ResultWrites:
         with self._lock:
             self._counts[task_id] += 1
             self._states[task_id].append(status)
+            self._order.append(task_id)
 
     def counts(self) -> Counter[str]:
         with self._lock:
@@ -198,6 +200,11 @@ class ResultWrites:
     def states(self, task_id: str) -> list[str]:
         with self._lock:
             return list(self._states[task_id])
+
+    def order(self) -> list[str]:
+        """Task ids in the order their results were written."""
+        with self._lock:
+            return list(self._order)
 
     def close(self) -> None:
         self._stop.set()

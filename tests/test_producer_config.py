@@ -73,6 +73,7 @@ def test_celery_app_is_json_only_with_priorities() -> None:
         "queue_order_strategy": "priority",
         "priority_steps": list(range(10)),
         "sep": ":",
+        "unacked_restore_throttle": 1,
     }
     assert conf.result_backend_transport_options == {"visibility_timeout": 99}
     assert conf.result_expires == 86400
