@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
 
 import pytest
 import redis
@@ -16,6 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.errors import ConfigurationError
+from worker.batcher import BatchStats
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
 from worker.monitoring.metrics import WorkerMetrics, serve_metrics
@@ -35,31 +35,20 @@ from worker.monitoring.schema import (
 from worker.monitoring.settings import MonitorSettings
 
 
-@dataclass(frozen=True)
-class BatchReport:
-    """A batch executor's report: one batch (the fields BatchStats always has)."""
-
-    batch_size: float = 4
-    failed: int = 1
-    pending: int = 3
-    queue_wait_ms: float = 12.5
-    model_ms: float = 250.0
-    prompt_tokens: int = 160
-    answer_tokens: int = 40
-    tokens_per_s: float = 160.0
+def batch_report(**changes) -> BatchStats:
+    """What the batch executor reports: one batch of 4, one failed."""
+    fields = dict(finished_at=time.time(), window_s=0.25, steps=1, batch_size=4.0,
+                  slots_in_use=0, finished=4, failed=1, pending=3, queue_wait_ms=12.5,
+                  model_ms=250.0, prefill_ms=None, decode_ms=None, prompt_tokens=160,
+                  answer_tokens=40)  # fmt: skip
+    return BatchStats(**{**fields, **changes})
 
 
-@dataclass(frozen=True)
-class EngineReport(BatchReport):
-    """A continuous engine's report: about a second of decode steps."""
-
-    batch_size: float = 6.5
-    steps: int = 20
-    window_s: float = 1.0
-    finished: int = 3
-    slots_in_use: int = 7
-    prefill_ms: float | None = 30.0
-    decode_ms: float | None = 70.0
+def engine_report(**changes) -> BatchStats:
+    """What the continuous engine reports: a second of 20 decode steps."""
+    fields = dict(window_s=1.0, steps=20, batch_size=6.5, slots_in_use=7, finished=3,
+                  failed=1, pending=3, prefill_ms=30.0, decode_ms=70.0)  # fmt: skip
+    return batch_report(**{**fields, **changes})
 
 
 class Dispatcher:
@@ -109,10 +98,12 @@ def test_fields_never_shadow_what_celery_keeps_on_a_worker():
 
 
 def test_batch_fields_of_a_batch_leave_out_what_is_not_reported():
-    fields = batch_fields(BatchReport())
+    fields = batch_fields(batch_report())
     assert fields == {
         "batch_size": 4,
         "batch_steps": 1,
+        "batch_window_s": 0.25,
+        "batch_slots_in_use": 0,
         "batch_finished": 4,
         "batch_failed": 1,
         "queue_buffered": 3,
@@ -122,19 +113,20 @@ def test_batch_fields_of_a_batch_leave_out_what_is_not_reported():
         "batch_answer_tokens": 40,
         "batch_tokens_per_s": 160.0,
     }
+    assert "batch_prefill_ms" not in fields and "batch_decode_ms" not in fields
     assert set(fields) <= set(BATCH_FIELDS)
 
 
 def test_batch_fields_of_an_engine_carry_prefill_decode_and_slots():
-    fields = batch_fields(EngineReport())
+    fields = batch_fields(engine_report())
     assert (fields["batch_prefill_ms"], fields["batch_decode_ms"]) == (30.0, 70.0)
     assert (fields["batch_slots_in_use"], fields["batch_steps"]) == (7, 20)
     assert (fields["batch_size"], fields["batch_finished"], fields["batch_window_s"]) == (6.5, 3, 1)
-    assert "batch_prefill_ms" not in batch_fields(EngineReport(prefill_ms=None))
+    assert fields["batch_tokens_per_s"] == 40.0
 
 
 def test_totals_count_steps_rows_and_finished_tasks():
-    totals = Totals().add(BatchReport()).add(EngineReport())
+    totals = Totals().add(batch_report()).add(engine_report())
     assert totals == Totals(steps=21, rows=4 + 6.5 * 20, tasks=7, failed=2, prompt_tokens=320,
                             answer_tokens=80)  # fmt: skip
 
@@ -241,8 +233,8 @@ def test_a_report_feeds_totals_histograms_counters_and_an_event():
     dispatcher = Dispatcher()
     outbox, loop = attached(dispatcher)
     monitor = WorkerMonitor(WorkerMetrics({"model": "tiny", "precision": "fp32"}), outbox)
-    monitor.on_batch(BatchReport())
-    monitor.on_batch(EngineReport())
+    monitor.on_batch(batch_report())
+    monitor.on_batch(engine_report())
     loop.run()
     assert monitor.totals.tasks == 7 and monitor.totals.steps == 21
     assert [t for t, _ in dispatcher.sent] == ["worker-batch", "worker-batch"]

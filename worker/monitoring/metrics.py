@@ -2,13 +2,13 @@
 
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.monitoring.schema import Sample, report_finished, report_steps
+from worker.batcher import BatchStats
+from worker.monitoring.schema import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +62,17 @@ class WorkerMetrics:
         self._latest: Sample | None = None
         r.register(_SampleCollector(self))
 
-    def observe_batch(self, stats: Any) -> None:
-        """Count one :class:`worker.batcher.BatchStats` report."""
-        steps, finished = report_steps(stats), report_finished(stats)
+    def observe_batch(self, stats: BatchStats) -> None:
+        """Count one report."""
         self.batch_size.observe(stats.batch_size)
         self.queue_wait.observe(stats.queue_wait_ms / 1000.0)
-        self.steps.inc(steps)
-        self.rows.inc(stats.batch_size * steps)
+        self.steps.inc(stats.steps)
+        self.rows.inc(stats.batch_size * stats.steps)
         self.seconds.labels("all").inc(stats.model_ms / 1000.0)
-        for phase in ("prefill", "decode"):
-            ms = getattr(stats, f"{phase}_ms", None)
+        for phase, ms in (("prefill", stats.prefill_ms), ("decode", stats.decode_ms)):
             if ms is not None:
                 self.seconds.labels(phase).inc(ms / 1000.0)
-        self.tasks.labels("succeeded").inc(finished - stats.failed)
+        self.tasks.labels("succeeded").inc(stats.finished - stats.failed)
         self.tasks.labels("failed").inc(stats.failed)
         self.tokens.labels("prompt").inc(stats.prompt_tokens)
         self.tokens.labels("answer").inc(stats.answer_tokens)

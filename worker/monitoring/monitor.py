@@ -1,8 +1,8 @@
 """The hub of a worker's monitoring: batches and samples in, metrics and events out."""
 
 import threading
-from typing import Any
 
+from worker.batcher import BatchStats
 from worker.monitoring.metrics import WorkerMetrics
 from worker.monitoring.outbox import EventOutbox
 from worker.monitoring.schema import (
@@ -33,8 +33,8 @@ class WorkerMonitor:
     def totals(self) -> Totals:
         return self._totals
 
-    def on_batch(self, stats: Any) -> None:
-        """Observe one :class:`worker.batcher.BatchStats` (model thread)."""
+    def on_batch(self, stats: BatchStats) -> None:
+        """Observe one report (model thread)."""
         with self._lock:
             self._totals = self._totals.add(stats)
         self.metrics.observe_batch(stats)

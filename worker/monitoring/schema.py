@@ -7,7 +7,10 @@ shadow Celery's own (``active``, ``processed``, ``freq``…). A figure that cann
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # viewers import this module; worker.batcher pulls in the model code
+    from worker.batcher import BatchStats
 
 GPU_EVENT = "worker-gpu"
 """Sent every ``VLMQ_MONITOR_INTERVAL_MS``: GPU figures, queue depth and running totals."""
@@ -73,27 +76,16 @@ class Totals:
     prompt_tokens: int = 0
     answer_tokens: int = 0
 
-    def add(self, stats: Any) -> "Totals":
-        """These totals plus one :class:`worker.batcher.BatchStats` report."""
-        steps = report_steps(stats)
+    def add(self, stats: "BatchStats") -> "Totals":
+        """These totals plus one report."""
         return Totals(
-            steps=self.steps + steps,
-            rows=self.rows + stats.batch_size * steps,
-            tasks=self.tasks + report_finished(stats),
+            steps=self.steps + stats.steps,
+            rows=self.rows + stats.batch_size * stats.steps,
+            tasks=self.tasks + stats.finished,
             failed=self.failed + stats.failed,
             prompt_tokens=self.prompt_tokens + stats.prompt_tokens,
             answer_tokens=self.answer_tokens + stats.answer_tokens,
         )
-
-
-def report_steps(stats: Any) -> int:
-    """Model steps a report covers; a report without ``steps`` is one batch."""
-    return getattr(stats, "steps", 1)
-
-
-def report_finished(stats: Any) -> int:
-    """Requests that ended in a report; without ``finished``, the whole batch."""
-    return getattr(stats, "finished", stats.batch_size)
 
 
 @dataclass(frozen=True)
@@ -127,24 +119,21 @@ def sample_fields(sample: Sample) -> dict[str, Any]:
     )
 
 
-def batch_fields(stats: Any) -> dict[str, Any]:
-    """The fields of a ``worker-batch`` event from a :class:`worker.batcher.BatchStats`.
-
-    Figures the executor does not report (``prefill_ms`` of the batch executor, say) are
-    left out.
-    """
+def batch_fields(stats: "BatchStats") -> dict[str, Any]:
+    """The fields of a ``worker-batch`` event; prefill and decode times are left out where
+    the executor does not tell them apart (the batch executor)."""
     return _present(
         batch_size=_round(stats.batch_size),
-        batch_steps=report_steps(stats),
-        batch_window_s=_round(getattr(stats, "window_s", None)),
-        batch_finished=report_finished(stats),
+        batch_steps=stats.steps,
+        batch_window_s=_round(stats.window_s),
+        batch_finished=stats.finished,
         batch_failed=stats.failed,
-        batch_slots_in_use=getattr(stats, "slots_in_use", None),
+        batch_slots_in_use=stats.slots_in_use,
         queue_buffered=stats.pending,
         queue_wait_ms=_round(stats.queue_wait_ms),
         batch_model_ms=_round(stats.model_ms),
-        batch_prefill_ms=_round(getattr(stats, "prefill_ms", None)),
-        batch_decode_ms=_round(getattr(stats, "decode_ms", None)),
+        batch_prefill_ms=_round(stats.prefill_ms),
+        batch_decode_ms=_round(stats.decode_ms),
         batch_prompt_tokens=stats.prompt_tokens,
         batch_answer_tokens=stats.answer_tokens,
         batch_tokens_per_s=_round(stats.tokens_per_s),
