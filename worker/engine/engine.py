@@ -145,14 +145,17 @@ class ContinuousEngine:
 
     @property
     def free_slots(self) -> int:
+        """Slots no running request holds."""
         return self.max_slots - self.active
 
     @property
     def active(self) -> int:
+        """Requests holding a slot (decoding)."""
         return sum(slot is not None for slot in self._slots)
 
     @property
     def waiting(self) -> int:
+        """Requests submitted but not admitted yet, failed ones still to be returned included."""
         with self._lock:
             return len(self._waiting) + len(self._failed)
 
