@@ -45,6 +45,10 @@ class Timeline:
     batch_size: Series = field(default_factory=Series)
     queue_depth: Series = field(default_factory=Series)
     queue_buffered: Series = field(default_factory=Series)
+    reports: int = 0
+    steps: int = 0
+    rows: float = 0.0  # requests computed per step, summed over steps
+    tasks: int = 0  # requests that ended
 
 
 def load_events(path: Path) -> list[dict[str, Any]]:
@@ -73,6 +77,10 @@ def timelines(events: Iterable[Mapping[str, Any]]) -> dict[str, Timeline]:
         t = float(e.get("timestamp") or 0.0) - t0
         if e["type"] == BATCH_EVENT:
             line.batch_size.add(t, e.get("batch_size"))
+            line.reports += 1
+            line.steps += e.get("batch_steps", 1)
+            line.rows += e.get("batch_size", 0) * e.get("batch_steps", 1)
+            line.tasks += e.get("batch_finished", 0)
             continue
         line.gpu_util.add(t, e.get("gpu_util"))
         mem = e.get("gpu_mem_used")
@@ -83,14 +91,14 @@ def timelines(events: Iterable[Mapping[str, Any]]) -> dict[str, Timeline]:
 
 
 def summary(lines: Mapping[str, Timeline]) -> list[str]:
-    """One line per worker: span, batches, tasks, mean batch, GPU and queue figures."""
+    """One line per worker: span, tasks, batch size, GPU and queue figures."""
     out = []
     for host, line in sorted(lines.items()):
-        sizes = line.batch_size.v
         span = max([*line.gpu_util.t, *line.batch_size.t, *line.queue_depth.t], default=0.0)
-        parts = [f"{host}: {span:.0f} s", f"{len(sizes)} batches", f"{sum(sizes):.0f} tasks"]
-        if sizes:
-            parts.append(f"mean batch {sum(sizes) / len(sizes):.1f}, max {max(sizes):.0f}")
+        parts = [f"{host}: {span:.0f} s", f"{line.tasks} tasks", f"{line.steps} model steps"]
+        if line.steps:
+            parts.append(f"mean batch {line.rows / line.steps:.1f}, "
+                         f"max {max(line.batch_size.v):.0f}")  # fmt: skip
         util = line.gpu_util.v
         parts.append(f"mean GPU {sum(util) / len(util):.0f}%" if util else "no GPU figures")
         if line.queue_depth.v:

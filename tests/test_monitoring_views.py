@@ -37,7 +37,8 @@ def busy_run() -> list[dict]:
                "gpu_mem_total": 80 * GIB, "gpu_power_w": 410.0, "gpu_temp_c": 63}  # fmt: skip
         events.append(gpu_event(t, queue_depth=40 - i, queue_buffered=16,
                                 **gpu, **totals(i, 8 * i, 8 * i, 800 * i)))  # fmt: skip
-        events.append(batch_event(t + 0.5, batch_size=8, queue_wait_ms=45.0, queue_buffered=8))
+        events.append(batch_event(t + 0.5, batch_size=8, batch_steps=1, batch_finished=8,
+                                  queue_wait_ms=45.0, queue_buffered=8))  # fmt: skip
         events.append(gpu_event(t, host="cpu@b", queue_buffered=0, **totals(0, 0, 0, 0)))
     return events
 
@@ -99,7 +100,8 @@ def test_report_turns_events_into_timelines_a_summary_and_a_png(tmp_path: Path):
     assert lines["cpu@b"].gpu_util.v == []
     cpu_line, gpu_line = summary(lines)
     assert "no GPU figures" in cpu_line
-    assert "13 batches" in gpu_line and "mean GPU 90%" in gpu_line and "max queue 40" in gpu_line
+    assert "104 tasks, 13 model steps, mean batch 8.0" in gpu_line
+    assert "mean GPU 90%" in gpu_line and "max queue 40" in gpu_line
     out = plot(lines, tmp_path / "report.png", "a run")
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 600
