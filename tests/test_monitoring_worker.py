@@ -3,18 +3,23 @@
 Plain objects stand in for Celery's loop and dispatcher; Redis is the real test database.
 """
 
+import json
+import re
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from celery.events.state import Worker
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.errors import ConfigurationError
+from producer.exporter import QueueCollector
 from worker.batcher import BatchStats
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
@@ -362,3 +367,43 @@ def test_sampler_sends_queue_depth_and_absent_gpu_fields(redis_url):
 def test_backlog_is_unknown_when_redis_is_not_there():
     assert BrokerBacklog("redis://127.0.0.1:1/0", ["vlmq"]).depth() is None
     assert BrokerBacklog("memory://", ["vlmq"]).depth() is None
+
+
+# -- the Grafana dashboard and the Prometheus config ------------------------------
+
+MONITORING = Path(__file__).resolve().parent.parent / "worker" / "monitoring"
+
+
+def test_dashboard_queries_only_metrics_that_exist(redis_url):
+    metrics = WorkerMetrics({"model": "tiny"})
+    metrics.observe_sample(Sample(GpuReading("H100", 1.0, 1, 2, 3.0, 4.0), 0, 0, Totals()))
+    exporter = CollectorRegistry()
+    exporter.register(QueueCollector(redis.Redis.from_url(redis_url), "vlmq"))
+    known = {
+        sample.name
+        for registry in (metrics.registry, exporter)
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    } | {"flower_task_runtime_seconds_bucket", "flower_events_total"}  # seen in the live test
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {name for expr in exprs for name in re.findall(r"\b((?:vlmq|flower)_\w+)", expr)}
+    assert used and used <= known, used - known
+    panels = [p["title"] for p in dashboard["panels"]]
+    assert {"GPU utilisation", "GPU memory", "Mean batch size", "Queue depth"} <= set(panels)
+
+
+def test_prometheus_scrapes_workers_exporter_and_flower_and_compose_runs_it():
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+        for job in config["scrape_configs"]
+    }
+    assert "worker-gpu0:9808" in targets["vlmq-worker"]
+    assert targets["vlmq-queue"] == ["exporter:9809"] and targets["flower"] == ["flower:5555"]
+    compose = yaml.safe_load((MONITORING.parent.parent / "compose.yaml").read_text())
+    services = compose["services"]
+    assert any(v.startswith("./worker/monitoring/prometheus.yml:")
+               for v in services["prometheus"]["volumes"])  # fmt: skip
+    assert services["worker-gpu0"]["environment"]["VLMQ_METRICS_ADDR"] == "0.0.0.0"
+    assert "worker.monitoring.flower_app" in services["flower"]["command"]
