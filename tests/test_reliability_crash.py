@@ -26,7 +26,7 @@ WORKER_ENV = {
 
 
 def test_sigkill_mid_batch_loses_nothing_and_writes_each_result_once(
-    start_worker, private_redis, result_writes
+    private_redis, result_writes, start_worker
 ):
     url = private_redis.url()
     settings = Settings(redis_url=url, visibility_timeout_s=VISIBILITY_S)
@@ -69,7 +69,7 @@ def test_sigkill_mid_batch_loses_nothing_and_writes_each_result_once(
 
 
 def test_redelivered_task_with_a_result_is_acked_without_running(
-    start_worker, private_redis, result_writes
+    private_redis, result_writes, start_worker
 ):
     url = private_redis.url()
     settings = Settings(redis_url=url)

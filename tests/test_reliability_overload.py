@@ -35,7 +35,7 @@ def test_max_queue_depth_comes_from_the_environment(private_redis):
     assert Settings.from_env({}).max_queue_depth == 0  # unlimited by default
 
 
-def test_wait_when_full_waits_for_the_workers_to_make_room(start_worker, private_redis):
+def test_wait_when_full_waits_for_the_workers_to_make_room(private_redis, start_worker):
     url = private_redis.url()
     settings = Settings(redis_url=url, max_queue_depth=4)
     waiting = Client(settings, wait_when_full=120)
@@ -61,7 +61,7 @@ def test_wait_when_full_waits_for_the_workers_to_make_room(start_worker, private
 
 
 def test_expired_tasks_fail_as_expired_without_reaching_the_model(
-    start_worker, private_redis, result_writes
+    private_redis, result_writes, start_worker
 ):
     url = private_redis.url()
     client = Client(Settings(redis_url=url))
@@ -81,7 +81,7 @@ def test_expired_tasks_fail_as_expired_without_reaching_the_model(
     assert worker.alive()
 
 
-def test_higher_priority_tasks_run_first(start_worker, private_redis, result_writes):
+def test_higher_priority_tasks_run_first(private_redis, result_writes, start_worker):
     url = private_redis.url()
     client = Client(Settings(redis_url=url))
     # Queued before any worker runs: low priority first, so FIFO order would run them first.

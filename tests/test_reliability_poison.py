@@ -22,9 +22,14 @@ pytestmark = pytest.mark.integration
 POISON_QUESTION = "Compare this <|image|> with that one."
 
 
-def test_request_that_breaks_the_model_fails_alone(start_worker, private_redis, result_writes):
+@pytest.mark.parametrize("engine", ["batch", "continuous"])
+def test_request_that_breaks_the_model_fails_alone(
+    private_redis, result_writes, start_worker, engine
+):
     url = private_redis.url()
-    worker = start_worker(REDIS_URL=url, VLMQ_MAX_BATCH_SIZE="8", VLMQ_MAX_WAIT_MS="1000")
+    worker = start_worker(
+        REDIS_URL=url, VLMQ_ENGINE=engine, VLMQ_MAX_BATCH_SIZE="8", VLMQ_MAX_WAIT_MS="1000"
+    )
     client = Client(Settings(redis_url=url))
     items = [{"image": image(i), "question": f"Good {i}?", "max_new_tokens": 4} for i in range(7)]
     items.insert(3, {"image": image(99), "question": POISON_QUESTION, "max_new_tokens": 4})
@@ -35,9 +40,9 @@ def test_request_that_breaks_the_model_fails_alone(start_worker, private_redis, 
         poison.result(timeout=60)
     results = [h.result(timeout=60) for h in handles]
     assert all(res.answer_tokens >= 1 for res in results)
-    # They were batched with the poison, then retried in halves without it.
-    assert "Batch of 8 failed" in worker.log()
-    assert max(res.timings.batch_size for res in results) < 8
+    if engine == "batch":  # batched with the poison, then retried in halves without it
+        assert "Batch of 8 failed" in worker.log()
+        assert max(res.timings.batch_size for res in results) < 8
     counts = result_writes.counts()
     assert all(counts[h.id] == 1 for h in [*handles, poison])
     assert int(private_redis.client().get(f"vlmq:attempts:{poison.id}")) == 1
@@ -49,7 +54,7 @@ MAX_ATTEMPTS = 2
 
 
 def test_request_that_kills_the_worker_gives_up_after_max_attempts(
-    start_worker, private_redis, result_writes
+    private_redis, result_writes, start_worker
 ):
     """The worker process dies whenever the poison request reaches the model (the test kills
     it then, as a segfault or an OOM kill would); a new worker is started each time."""

@@ -23,7 +23,7 @@ def test_compose_redis_fsyncs_every_write():
     assert args[args.index("--appendfsync") + 1] == "always"
 
 
-def test_redis_killed_mid_run_loses_no_accepted_task(start_worker, private_redis, result_writes):
+def test_redis_killed_mid_run_loses_no_accepted_task(private_redis, result_writes, start_worker):
     url = private_redis.url()
     client = Client(Settings(redis_url=url, visibility_timeout_s=VISIBILITY_S))
     worker = start_worker(

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_sigterm_mid_batch_finishes_the_batch_and_returns_the_rest(
-    start_worker, private_redis, result_writes
+    private_redis, result_writes, start_worker
 ):
     url = private_redis.url()
     # The default visibility timeout (2 h): nothing here may wait for it.
