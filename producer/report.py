@@ -134,7 +134,8 @@ def plot(lines: Mapping[str, Timeline], path: Path, title: str) -> Path:
     gpu_ax.set_ylabel("GPU utilisation, %")
     if mem_ax is not None:
         mem_ax.set_ylabel("memory used, GiB (dotted)")
-        mem_ax.set_ylim(bottom=0)
+        top = max(max(line.gpu_mem_gib.v, default=0.0) for line in lines.values())
+        mem_ax.set_ylim(0, top * 1.25)  # headroom: the line stays clear of the frame
     batch_ax.set_ylabel("batch size")
     batch_ax.set_ylim(bottom=0)
     queue_ax.set_ylabel("queue depth")

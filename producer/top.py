@@ -121,7 +121,7 @@ def _cells(r: WorkerRow) -> tuple[str, ...]:
         _num(r.gpu_temp_c, "{:.0f} C"),
         _num(r.queue_depth, "{}"),
         _num(r.queue_buffered, "{}"),
-        f"{_num(r.last_batch_size, '{:g}')}/{_num(r.mean_batch_size, '{:.1f}')}",
+        f"{_num(r.last_batch_size, '{:.3g}')}/{_num(r.mean_batch_size, '{:.1f}')}",
         _num(r.queue_wait_ms, "{:.0f}"),
         _num(r.tasks_total, "{}") + failed,
         _num(r.tasks_per_s, "{:.1f}"),

@@ -291,6 +291,8 @@ def test_settings_from_env():
     assert MonitorSettings.from_env({}) == MonitorSettings(9808, "127.0.0.1", 1000)
     custom = MonitorSettings.from_env({"VLMQ_METRICS_PORT": "0", "VLMQ_MONITOR_INTERVAL_MS": "250"})
     assert custom.metrics_port == 0 and custom.interval_s == 0.25
+    assert MonitorSettings.from_env({"VLMQ_GPU": "3"}).metrics_port == 9811  # one host, 8 GPUs
+    assert MonitorSettings.from_env({"VLMQ_GPU": "GPU-1234"}).metrics_port == 9808
     for bad in ({"VLMQ_METRICS_PORT": "70000"}, {"VLMQ_MONITOR_INTERVAL_MS": "soon"}):
         with pytest.raises(ConfigurationError):
             MonitorSettings.from_env(bad)
