@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from worker.engine.fused import FusedLayer, fuse_layers
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -70,6 +72,11 @@ class MllamaParts:
             max_tiles=vision_config.max_num_tiles,
             max_position_embeddings=text_config.max_position_embeddings,
         )
+        # Decode-path weights fused in place (None entries: quantized, left as they are).
+        fused = fuse_layers(self.layers, self.geometry.cross_layers)
+        self.fused: list[FusedLayer] = fused or [
+            FusedLayer(qkv=None, gate_up=None) for _ in self.layers
+        ]
         first = next(model.parameters())
         self.device = first.device
         # The compute dtype, also of quantized models (their norms stay in it).
