@@ -140,6 +140,7 @@ def test_flower_metrics_top_and_report_show_a_live_worker(
     assert "SUCCESS" in task_page and "Runtime" in task_page and host in task_page
     workers_page = page(f"{flower}/workers")
     assert host in workers_page and "Online" in workers_page
+    assert "vlmq.analyze" in get(f"{flower}/worker/{host}")  # inspect replies reach Flower
     shot = tmp_path / "flower.png"
     chromium("--window-size=1280,720", f"--screenshot={shot}", f"{flower}/tasks")
     with Image.open(shot) as img:
