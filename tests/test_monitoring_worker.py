@@ -183,6 +183,23 @@ def test_a_failing_or_missing_dispatcher_drops_events_quietly():
     assert disabled.sent == []
 
 
+def test_a_flush_lost_by_the_loop_is_asked_for_again():
+    now = [0.0]
+    loop = ManualLoop()
+    dispatcher = Dispatcher()
+    outbox = EventOutbox(clock=lambda: now[0])
+    outbox.attach(LoopHandoff(loop), lambda: dispatcher)
+    outbox.put("worker-gpu", {"n": 1})
+    loop.ready.clear()  # the loop dropped it
+    now[0] = 5.0
+    outbox.put("worker-gpu", {"n": 2})
+    assert loop.ready == []
+    now[0] = 11.0
+    outbox.put("worker-gpu", {"n": 3})
+    loop.run()
+    assert [fields["n"] for _, fields in dispatcher.sent] == [1, 2, 3]
+
+
 def test_put_survives_a_broken_handoff_and_a_detached_outbox():
     class Broken:
         def call_soon(self, fn, *args):

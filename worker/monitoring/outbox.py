@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -10,19 +11,22 @@ from worker.handoff import LoopHandoff
 
 logger = logging.getLogger(__name__)
 
+REASK_S = 10.0
+
 
 class EventOutbox:
     """A bounded queue of ``worker-*`` events, sent on Celery's event-loop thread.
 
     ``put`` never blocks and never raises: it appends (dropping the oldest event when the
-    loop has fallen behind) and asks the loop, at most once at a time, to send them all.
+    loop has fallen behind) and asks the loop, once at a time, to send them all.
     Only the loop thread may use the consumer's event dispatcher.
     """
 
-    def __init__(self, maxlen: int = 256) -> None:
+    def __init__(self, maxlen: int = 256, clock: Callable[[], float] = time.monotonic) -> None:
         self._events: deque[tuple[str, dict[str, Any]]] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
-        self._flush_asked = False
+        self._clock = clock
+        self._flush_asked_at: float | None = None
         self._handoff: LoopHandoff | None = None
         self._dispatcher: Callable[[], Any] = lambda: None
         self._send_failed = False
@@ -44,23 +48,25 @@ class EventOutbox:
             if self._handoff is None:
                 return
             self._events.append((event_type, fields))
-            if self._flush_asked:
+            now = self._clock()
+            # Ask again after a while: a flush lost with a dropped loop must not stop events.
+            if self._flush_asked_at is not None and now - self._flush_asked_at < REASK_S:
                 return
-            self._flush_asked = True
+            self._flush_asked_at = now
             handoff = self._handoff
         try:
             handoff.call(self.flush)
         except Exception:
             logger.exception("Could not hand worker events to the event loop")
             with self._lock:
-                self._flush_asked = False
+                self._flush_asked_at = None
 
     def flush(self) -> None:
         """Send every queued event (loop thread); a failed send is logged and dropped."""
         with self._lock:
             events = list(self._events)
             self._events.clear()
-            self._flush_asked = False
+            self._flush_asked_at = None
         dispatcher = self._dispatcher()
         if dispatcher is None or not dispatcher.enabled:
             return
