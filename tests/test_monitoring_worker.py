@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -23,6 +24,7 @@ from producer.exporter import QueueCollector
 from worker.batcher import BatchStats
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
+from worker.monitoring.bootstep import MonitoringStep
 from worker.monitoring.metrics import WorkerMetrics, serve_metrics
 from worker.monitoring.monitor import WorkerMonitor
 from worker.monitoring.nvml import GpuProbe, gpu_selector
@@ -38,6 +40,7 @@ from worker.monitoring.schema import (
     sample_fields,
 )
 from worker.monitoring.settings import MonitorSettings
+from worker.settings import WorkerSettings
 
 
 def batch_report(**changes) -> BatchStats:
@@ -313,6 +316,19 @@ def test_settings_from_env():
     for bad in ({"VLMQ_METRICS_PORT": "70000"}, {"VLMQ_MONITOR_INTERVAL_MS": "soon"}):
         with pytest.raises(ConfigurationError):
             MonitorSettings.from_env(bad)
+
+
+def test_a_monitoring_failure_at_start_leaves_the_worker_running(caplog, monkeypatch):
+    monkeypatch.setenv("VLMQ_METRICS_PORT", "0")
+    settings = WorkerSettings(model="tiny", device="cpu")
+    app = SimpleNamespace(vlmq_worker_settings=settings, vlmq_batch_observers=[], amqp=None)
+    worker = SimpleNamespace(app=app, hub=None, consumer=None)
+    step = MonitoringStep(worker)
+    assert app.vlmq_batch_observers == [step.monitor.on_batch]
+    step.start(worker)  # app.amqp is broken: logged, not raised
+    assert "runs without it" in caplog.text
+    step.monitor.on_batch(batch_report())
+    step.stop(worker)
 
 
 # -- NVML ---------------------------------------------------------------------

@@ -48,6 +48,13 @@ class MonitoringStep(bootsteps.StartStopStep):
         self._sampler: Sampler | None = None
 
     def start(self, worker: Any) -> None:
+        try:
+            self._start(worker)
+        except Exception:  # monitoring must never keep the worker from serving
+            logger.exception("Monitoring failed to start; the worker runs without it")
+            self.stop(worker)
+
+    def _start(self, worker: Any) -> None:
         app = worker.app
         self.monitor.outbox.attach(
             LoopHandoff(worker.hub), lambda: getattr(worker.consumer, "event_dispatcher", None)
@@ -62,16 +69,19 @@ class MonitoringStep(bootsteps.StartStopStep):
             self.monitor,
             lambda: GpuProbe.open(gpu_selector(device)),
             BrokerBacklog(app.conf.broker_url, queues),
-            self.settings.interval_s,
+            settings.interval_s,
         ).start()
 
     def stop(self, worker: Any) -> None:
-        if self._sampler is not None:
-            self._sampler.stop()
-            self._sampler = None
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
         self.monitor.outbox.detach()
+        sampler, self._sampler = self._sampler, None
+        server, self._server = self._server, None
+        try:
+            if sampler is not None:
+                sampler.stop()
+            if server is not None:
+                server.stop()
+        except Exception:
+            logger.exception("Stopping monitoring failed")
 
     terminate = stop
