@@ -49,7 +49,7 @@ def test_request_that_breaks_the_model_fails_alone(
     assert worker.alive()
 
 
-VISIBILITY_S = 5
+VISIBILITY_S = 10
 MAX_ATTEMPTS = 2
 
 
@@ -65,13 +65,13 @@ def test_request_that_kills_the_worker_gives_up_after_max_attempts(
         "VLMQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
         "VLMQ_MAX_BATCH_SIZE": "8",
         "VLMQ_MAX_WAIT_MS": "500",
-        "VLMQ_MAX_NEW_TOKENS": "64",
+        "VLMQ_MAX_NEW_TOKENS": "32",
     }
     client = Client(Settings(redis_url=url, visibility_timeout_s=VISIBILITY_S))
     r = private_redis.client()
     worker = start_worker(**env)
-    items = [{"image": image(i), "question": f"Good {i}?", "max_new_tokens": 48} for i in range(7)]
-    items.insert(2, {"image": image(99), "question": "A fatal question?", "max_new_tokens": 48})
+    items = [{"image": image(i), "question": f"Good {i}?", "max_new_tokens": 24} for i in range(7)]
+    items.insert(2, {"image": image(99), "question": "A fatal question?", "max_new_tokens": 24})
     handles = client.submit_many(items)
     poison = handles.pop(2)
     attempts_key = f"vlmq:attempts:{poison.id}"
