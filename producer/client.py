@@ -22,6 +22,7 @@ from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
 from producer.images import ImageSource, decode_image, read_image_source
 from producer.protocol import TASK_NAME, AnalysisRequest, Limits, model_queue
+from producer.queues import queue_depth
 from producer.results import AnalysisResult
 
 _NAMED_ERRORS = {
@@ -260,13 +261,7 @@ class Client:
     def queue_depth(self, queue: str | None = None) -> int:
         """Tasks waiting in ``queue`` (default: the shared queue), all priorities together;
         tasks a worker has already taken are not counted."""
-        queue = queue or self.settings.queue
-        # The Redis transport keeps priority p of queue q in the list "q:p" ("q" for 0).
-        keys = [queue, *(f"{queue}:{p}" for p in range(1, 10))]
-        with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.llen(key)
-            return sum(pipe.execute())
+        return queue_depth(self._redis, queue or self.settings.queue)
 
     def _wait_for_room(self, prepared: list[_Prepared]) -> None:
         limit = self.settings.max_queue_depth

@@ -109,7 +109,6 @@ def make_celery_app(settings: Settings, name: str = "vlmq") -> Celery:
         "visibility_timeout": settings.visibility_timeout_s,
         "queue_order_strategy": "priority",
         "priority_steps": list(range(10)),
-        "sep": ":",
         # Sweep for messages of dead workers every 10 s (kombu's default scans every 100 s),
         # so they come back at most 10 s after the visibility timeout.
         "unacked_restore_throttle": 1,

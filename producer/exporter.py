@@ -9,10 +9,11 @@ import time
 from collections.abc import Iterator
 
 import redis
+from kombu.transport.redis import Channel
 
 from producer.queues import queue_stats
 
-_PRIORITY_SUFFIX = re.compile(r":[1-9]$")
+_PRIORITY_SUFFIX = re.compile(re.escape(Channel.sep) + "[1-9]$")
 
 
 def discover_queues(client: redis.Redis, base_queue: str) -> list[str]:

@@ -1,8 +1,9 @@
 """How deep a vlmq queue is and how long its oldest task has waited — read from Redis.
 
 With ``queue_order_strategy=priority`` kombu keeps one Redis list per priority step:
-``vlmq`` (priority 0) and ``vlmq:1`` … ``vlmq:9``; producers LPUSH, workers BRPOP, so
-each list's oldest message is at its right end.
+``vlmq`` (priority 0) and ``vlmq<sep>1`` … ``vlmq<sep>9`` (kombu's separator, left at its
+default so that every Celery tool, Flower included, agrees with the workers); producers LPUSH,
+workers BRPOP, so each list's oldest message is at its right end.
 """
 
 import base64
@@ -11,13 +12,14 @@ import time
 from dataclasses import dataclass
 
 import redis
+from kombu.transport.redis import Channel
 
 PRIORITY_STEPS = range(10)
 
 
 def priority_lists(queue: str) -> list[str]:
     """The Redis lists that hold ``queue``'s waiting messages, highest priority first."""
-    return [queue if step == 0 else f"{queue}:{step}" for step in PRIORITY_STEPS]
+    return [queue if step == 0 else f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS]
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def test_submit_json_and_a_bad_image(r: redis.Redis, images: list[str], capsys) 
     argv = ["submit", images[0], "/no/such.png", "-q", "Color?", "--priority", "2", "--json"]
     assert main(argv) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    [submitted] = queued_ids(r, "vlmq:2")
+    [submitted] = queued_ids(r, "vlmq\x06\x162")
     assert lines == [
         {"image": images[0], "task_id": submitted},
         {

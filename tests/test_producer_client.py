@@ -81,7 +81,7 @@ def test_priority_and_expires(client: Client, r: redis.Redis) -> None:
     client.submit(png(), "Urgent?", priority=0)
     client.submit(png(), "Later?", priority=7, expires=60)
     [urgent] = queued(r, "vlmq")
-    [later] = queued(r, "vlmq:7")
+    [later] = queued(r, "vlmq\x06\x167")
     assert urgent["properties"]["priority"] == 0
     assert later["properties"]["priority"] == 7
     assert later["headers"]["expires"] is not None
@@ -140,7 +140,7 @@ def test_submit_many(client: Client, r: redis.Redis) -> None:
     assert [m["headers"]["id"] for m in plain] == [h.id for h in handles[:2]]
     assert [m["body"][1]["question"] for m in plain] == ["First?", "Second?"]
     assert plain[1]["body"][1]["max_new_tokens"] == 8
-    assert queued(r, "vlmq:4")[0]["headers"]["id"] == handles[2].id
+    assert queued(r, "vlmq\x06\x164")[0]["headers"]["id"] == handles[2].id
     assert len(r.keys("vlmq:image:*")) == 2
 
 

@@ -72,7 +72,6 @@ def test_celery_app_is_json_only_with_priorities() -> None:
         "visibility_timeout": 99,
         "queue_order_strategy": "priority",
         "priority_steps": list(range(10)),
-        "sep": ":",
         "unacked_restore_throttle": 1,
     }
     assert conf.result_backend_transport_options == {"visibility_timeout": 99}

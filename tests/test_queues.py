@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_priority_lists_follow_kombu_naming():
-    assert priority_lists("vlmq")[:3] == ["vlmq", "vlmq:1", "vlmq:2"]
+    assert priority_lists("vlmq")[:3] == ["vlmq", "vlmq\x06\x161", "vlmq\x06\x162"]
     assert len(priority_lists("vlmq")) == 10
 
 
