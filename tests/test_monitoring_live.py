@@ -58,11 +58,11 @@ def env(redis_url: str) -> dict[str, str]:
 
 @pytest.fixture
 def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
-    """Flower on the test Redis, with vlmq's broker settings; yields its base URL."""
+    """Plain Flower (Celery's default settings) on the test Redis; yields its base URL."""
     port = free_port()
     log = (tmp_path / "flower.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.monitoring.flower_app", "flower",
+        [sys.executable, "-m", "celery", f"--broker={redis_url}", "flower",
          "--address=127.0.0.1", f"--port={port}"],
         env=env(redis_url), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
