@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer.errors import ConfigurationError
 from producer.exporter import QueueCollector
+from producer.queues import priority_lists
 from worker.batcher import BatchStats
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
@@ -380,7 +381,7 @@ def test_figures_a_card_does_not_report_are_none():
 def test_sampler_sends_queue_depth_and_absent_gpu_fields(redis_url):
     client = redis.Redis.from_url(redis_url)
     client.lpush("monq", b"a", b"b")
-    client.lpush("monq:5", b"c")
+    client.lpush(priority_lists("monq")[5], b"c")
     client.lpush("monq.tiny.fp32", b"d")
     dispatcher = Dispatcher()
     outbox = EventOutbox()
