@@ -10,7 +10,8 @@ from worker.settings import WorkerSettings
 def test_defaults_need_only_a_model():
     s = WorkerSettings.from_env({"VLMQ_MODEL": "meta-llama/Llama-3.2-11B-Vision-Instruct"})
     assert (s.precision, s.attn_implementation, s.device) == ("bf16", "sdpa", "cuda")
-    assert s.max_batch_size == 16 and s.prefetch_count == 32
+    assert s.engine == "continuous"
+    assert s.max_batch_size == 32 and s.prefetch_count == 64
     assert s.max_wait_s == 0.05
 
 
@@ -33,6 +34,7 @@ def test_values_are_parsed():
         ({"VLMQ_PRECISION": "fp8"}, "VLMQ_PRECISION"),
         ({"VLMQ_ATTN": "flash"}, "VLMQ_ATTN"),
         ({"VLMQ_DEVICE": "tpu"}, "VLMQ_DEVICE"),
+        ({"VLMQ_ENGINE": "vllm"}, "VLMQ_ENGINE"),
         ({"VLMQ_MAX_BATCH_SIZE": "lots"}, "integer in 1..1024"),
         ({"VLMQ_MAX_BATCH_SIZE": "0"}, "VLMQ_MAX_BATCH_SIZE"),
         ({"VLMQ_MAX_WAIT_MS": "-5"}, "integer in 0..60000"),
