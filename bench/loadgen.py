@@ -6,11 +6,12 @@ as it finishes, so a crash leaves everything measured so far. No torch here.
 
 CONFIG (JSON): ``redis_url``, ``workload`` (:class:`bench.workload.Workload` fields),
 ``timeout_s`` and ``runs``, each ``{"name", "schedule": "probe"|"closed"|"poisson", "n",
-"concurrency", "rate", "max_s", "k"}``.
+"start", "concurrency", "rate", "max_s", "window_s", "k", "repeats", "lone_tokens"}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
@@ -50,6 +51,7 @@ def one_request(
     out: Recorder,
     run: str,
     answer_tokens: int | None = None,
+    **extra: Any,
 ) -> None:
     """Submit one request and wait for its answer; record it whatever happens."""
     expected = spec.answer_tokens if answer_tokens is None else answer_tokens
@@ -60,6 +62,7 @@ def one_request(
         "tiles": spec.tiles,
         "expected_tokens": expected,
         "arrival": arrival,
+        **extra,
     }
     try:
         record["submitted"] = time.time()
@@ -81,18 +84,21 @@ def one_request(
 
 def run_closed(
     client: Client, specs: list[RequestSpec], images: list[bytes], cfg: dict, out: Recorder
-) -> None:
-    """``concurrency`` clients, each submitting its next request when its last is answered."""
-    stop_at = time.time() + cfg["max_s"]
+) -> int:
+    """``concurrency`` clients, each submitting its next request when its last is answered,
+    for at most ``window_s`` seconds of submissions; returns how many were submitted."""
+    stop_at = time.time() + min(cfg["max_s"], cfg.get("window_s") or cfg["max_s"])
     lock = threading.Lock()
     cursor = iter(range(len(specs)))
+    submitted = [0]
 
     def client_loop() -> None:
         while time.time() < stop_at:
             with lock:
                 i = next(cursor, None)
-            if i is None:
-                return
+                if i is None:
+                    return
+                submitted[0] += 1
             one_request(
                 client, specs[i], images[i], time.time(), cfg["timeout_s"], out, cfg["name"]
             )
@@ -102,6 +108,7 @@ def run_closed(
         t.start()
     for t in threads:
         t.join()
+    return submitted[0]
 
 
 def run_poisson(
@@ -122,10 +129,24 @@ def run_poisson(
             )
 
 
-def run_probe(client: Client, spec: RequestSpec, data: bytes, cfg: dict, out: Recorder) -> None:
-    """One request at a time with answers of 1 and ``1 + k`` tokens, ``repeats`` times each."""
-    for tokens in [1] * cfg.get("repeats", 2) + [1 + cfg["k"]] * cfg.get("repeats", 2):
-        one_request(client, spec, data, time.time(), cfg["timeout_s"], out, cfg["name"], tokens)
+def run_probe(
+    client: Client, spec: RequestSpec, workload: Workload, cfg: dict, out: Recorder
+) -> None:
+    """One request at a time with answers of 1 and ``1 + k`` tokens, ``repeats`` times each,
+    then ``repeats`` lone requests of ``lone_tokens`` (if given). Each has its own image, so
+    the engine cannot reuse an image's cross-attention cache."""
+    repeats = cfg.get("repeats", 2)
+    plan = [(1, False)] * repeats + [(1 + cfg["k"], False)] * repeats
+    if cfg.get("lone_tokens"):
+        plan += [(cfg["lone_tokens"], True)] * repeats
+    images = [
+        workload.image_bytes(dataclasses.replace(spec, image_seed=spec.image_seed + 1 + i))
+        for i in range(len(plan))
+    ]
+    for (tokens, lone), data in zip(plan, images, strict=True):
+        one_request(
+            client, spec, data, time.time(), cfg["timeout_s"], out, cfg["name"], tokens, lone=lone
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,17 +164,19 @@ def main(argv: list[str] | None = None) -> int:
             run = {"timeout_s": config["timeout_s"], **run}
             if run["schedule"] == "probe":
                 specs = [workload.request(run.get("index", 0))]
+                images = []
             else:
-                specs = workload.requests(run["n"])
-            images = [workload.image_bytes(spec) for spec in specs]
+                specs = workload.requests(run["n"], start=run.get("start", 0))
+                images = [workload.image_bytes(spec) for spec in specs]
             out.write(event="run_start", run=run["name"], t=time.time(), config=run)
+            arrived = None
             if run["schedule"] == "probe":
-                run_probe(client, specs[0], images[0], run, out)
+                run_probe(client, specs[0], workload, run, out)
             elif run["schedule"] == "closed":
-                run_closed(client, specs, images, run, out)
+                arrived = run_closed(client, specs, images, run, out)
             else:
                 run_poisson(client, specs, images, run, out)
-            out.write(event="run_end", run=run["name"], t=time.time())
+            out.write(event="run_end", run=run["name"], t=time.time(), arrived=arrived)
     finally:
         client.close()
         out.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.report import MODE_LABELS, MODE_ORDER
 
-COLORS = {"a": "C0", "b": "C1", "c": "C2", "d": "C3", "nf4": "C4", "int8": "C5"}
+COLORS = {"a": "C0", "b": "C1", "c": "C2", "d": "C3", "nf4": "C4", "int8": "C5", "cb": "C6"}
 
 
 def plot_all(json_path: Path) -> list[Path]:
@@ -85,13 +85,14 @@ def timeline_plot(results: dict, path: Path) -> Path:
         top.text(phase["t0"] - t0, 100, phase["name"].replace("mode ", ""), fontsize=7,
                  rotation=90, va="top")  # fmt: skip
     for key in MODE_ORDER:
-        first = True
-        for run in results.get("modes", {}).get(key, {}).get("runs", []):
-            for start, end, size in run.get("batches", []):
-                bottom.hlines(size, start - t0, end - t0, color=COLORS.get(key), lw=3,
-                              label=MODE_LABELS.get(key, key) if first else None)  # fmt: skip
-                first = False
-    bottom.set_ylabel("batch size")
+        # One call per mode: the engine's runs have a step every few milliseconds.
+        steps = [b for run in results.get("modes", {}).get(key, {}).get("runs", [])
+                 for b in run.get("batches", [])]  # fmt: skip
+        if steps:
+            bottom.hlines([s[2] for s in steps], [s[0] - t0 for s in steps],
+                          [s[1] - t0 for s in steps], color=COLORS.get(key), lw=3,
+                          label=MODE_LABELS.get(key, key))  # fmt: skip
+    bottom.set_ylabel("batch size (engine: rows per step)")
     bottom.set_xlabel("seconds since start")
     bottom.grid(True, alpha=0.3)
     if bottom.get_legend_handles_labels()[0]:

@@ -15,16 +15,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-MODE_ORDER = ["a", "b", "c", "d", "nf4", "int8"]
+MODE_ORDER = ["a", "b", "cb", "c", "d", "nf4", "int8"]
 MODE_LABELS = {
     "a": "(a) generate, one at a time",
     "b": "(b) generate, static batches",
-    "c": "(c) worker engine, in process",
+    "cb": "(cb) worker batch executor, in process",
+    "c": "(c) worker continuous engine, in process",
     "d": "(d) producer -> Redis -> Celery worker",
-    "nf4": "(c) engine, nf4 weights",
-    "int8": "(c) engine, int8 weights",
+    "nf4": "(c) worker default executor, nf4 weights",
+    "int8": "(c) worker default executor, int8 weights",
 }
 GIB = 1024**3
+#: The issue-4 goals (decode step at batch 1: on an H100).
+GOALS = {
+    "step_ms": 8.5,
+    "vs_a": 8.0,
+    "vs_b": 2.5,
+    "gpu_util": 90.0,
+    "d_vs_c": 0.95,
+    "half_load_vs_lone": 1.5,
+    "ready_s": 120.0,
+}
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -65,6 +76,12 @@ def summarize_run(run: dict, window: Callable[[float, float], dict] | None = Non
     tokens = sum(r["answer_tokens"] for r in ok)
     batches = run.get("batches") or []
     sizes = [b[2] for b in batches]
+    mean_batch = sum(sizes) / len(sizes) if sizes else None
+    engine = run.get("engine") or {}
+    if engine.get("decode_steps"):
+        # Rows of the engine's decode steps (each admitted request's first token is prefill's).
+        mean_batch = (engine["tokens"] - engine["admitted"]) / engine["decode_steps"]
+        out["engine_step_ms"] = engine["decode_ms"] / engine["decode_steps"]
     out.update(
         duration_s=duration,
         output_tokens=tokens,
@@ -77,7 +94,7 @@ def summarize_run(run: dict, window: Callable[[float, float], dict] | None = Non
         mean_answer_tokens=tokens / len(ok),
         mean_prompt_tokens=_mean([r.get("prompt_tokens") for r in ok]),
         n_batches=len(batches),
-        mean_batch=sum(sizes) / len(sizes) if sizes else None,
+        mean_batch=mean_batch,
         max_batch=max(sizes) if sizes else None,
         window=[t_first, t_last],
     )
@@ -86,7 +103,56 @@ def summarize_run(run: dict, window: Callable[[float, float], dict] | None = Non
         out.update(
             gpu_util_mean=w["util_mean"], gpu_util_max=w["util_max"], nvml_mem_peak=w["mem_peak"]
         )
+    if run["schedule"] == "closed" and run.get("windowed"):
+        out["steady"] = steady_state(run, ok, window)
     return out
+
+
+def steady_state(
+    run: dict, ok: list[dict], window: Callable[[float, float], dict] | None = None
+) -> dict | None:
+    """Throughput of a windowed closed loop while it was saturated: from the answer that
+    completes its first half-concurrency (the initial fill is over) to its last arrival
+    (after which fewer requests are in flight). Each request's tokens count as spread evenly
+    over its time in the executor, so requests crossing the window's edges count in part."""
+    arrivals = [r["arrival"] for r in run["records"]]
+    ends = sorted(r["end"] for r in ok)
+    k = max(1, (run.get("concurrency") or 2) // 2)
+    if len(ends) <= k or not arrivals:
+        return None
+    w0, w1 = ends[k - 1], max(arrivals)
+    if w1 - w0 < 0.5:
+        return None
+    tokens = requests = 0.0
+    for r in ok:
+        start, end = r.get("start") or r["arrival"], r["end"]
+        if end > start:
+            share = max(0.0, min(end, w1) - max(start, w0)) / (end - start)
+        else:
+            share = 1.0 if w0 <= end <= w1 else 0.0
+        tokens += share * r["answer_tokens"]
+        requests += share
+    duration = w1 - w0
+    out: dict[str, Any] = {
+        "window": [w0, w1],
+        "duration_s": duration,
+        "output_tokens_per_s": tokens / duration,
+        "images_per_s": requests / duration,
+    }
+    rows = [b[2] for b in run.get("batches") or [] if b[0] >= w0 and b[1] <= w1]
+    if rows:
+        out["mean_rows"] = sum(rows) / len(rows)
+    if window is not None:
+        w = window(w0, w1)
+        out.update(gpu_util_mean=w["util_mean"], gpu_util_max=w["util_max"])
+    return out
+
+
+def saturated(summary: dict) -> dict:
+    """A closed-loop summary with its steady-state figures, where it has them, in place of the
+    whole run's (ramp and drain included)."""
+    steady = summary.get("steady")
+    return {**summary, **steady} if steady else summary
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -103,20 +169,112 @@ def headline(mode: dict) -> dict | None:
 
 
 def add_ratios(results: dict) -> None:
-    """Each mode's throughput over (a)'s and (b)'s, in place."""
+    """Each mode's saturated throughput over (a)'s, (b)'s and (cb)'s, and the issue-4
+    targets (``results["targets"]``), in place."""
     modes = results.get("modes", {})
-    bases = {k: headline(modes[k]) for k in ("a", "b") if k in modes}
+    bases = {k: headline(modes[k]) for k in ("a", "b", "cb") if k in modes}
     for mode in modes.values():
         h = headline(mode)
         mode["ratios"] = {}
         if h is None:
             continue
+        h = saturated(h)
         for base_key, base in bases.items():
             if base is None:
                 continue
+            base = saturated(base)
             for metric in ("output_tokens_per_s", "images_per_s"):
                 if base.get(metric):
                     mode["ratios"][f"{metric}_vs_{base_key}"] = h[metric] / base[metric]
+    results["targets"] = targets(results)
+
+
+def _half_load(mode: dict) -> dict | None:
+    for s in mode.get("summaries", []):
+        if s["schedule"] == "poisson" and s["name"].startswith("poisson x0.5 ") and s.get("n_ok"):
+            return s
+    return None
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue-4 targets, each ``{"target", "value", "goal", "pass", "note"}`` (``pass``
+    None: not measured, or a figure without a goal), all from this run."""
+    modes = results.get("modes", {})
+    c = modes.get("c") or {}
+    d = modes.get("d") or {}
+    rows: list[dict] = []
+
+    def row(target: str, value: Any, fmt: str, goal: str, ok: bool | None, note: str = ""):
+        rows.append({
+            "target": target, "value": _f(value, fmt), "goal": goal,
+            "pass": None if value is None else ok, "note": note,
+        })  # fmt: skip
+
+    probe = c.get("probe") or {}
+    floor = c.get("floor") or {}
+    step, floor1 = probe.get("step_ms"), (floor.get("batch1") or {}).get("floor_ms")
+    card = (results.get("device") or {}).get("name", "")
+    note = f"engine timer {_f(probe.get('engine_step_ms'), '{:.2f}')} ms"
+    if step and floor1:
+        note += f"; {step / floor1:.2f}x the floor"
+    if "H100" not in card:
+        note += f"; the goal is for an H100, this is {card or '?'}"
+    goal = GOALS["step_ms"]
+    row("decode ms/step, batch 1, engine (c)", step, "{:.2f}", f"<= {goal}",
+        step is not None and step <= goal, note)  # fmt: skip
+    row("bandwidth floor, batch 1", floor1, "{:.2f}", "-", None, "weights + 1 request's caches")
+    h = saturated(headline(c) or {})
+    at = floor.get("at_batch") or {}
+    row(f"engine ms/step over the closed loop (c), mean decode batch {_f(h.get('mean_batch'))}",
+        h.get("engine_step_ms"), "{:.2f}", "-", None, "the engine's timer")  # fmt: skip
+    row(f"bandwidth floor at the saturated batch {_f(at.get('batch'))} (c)", at.get("floor_ms"),
+        "{:.2f}", "-", None, "weights + that many requests' caches")  # fmt: skip
+    ratios = c.get("ratios") or {}
+    for base, key in (("a", "vs_a"), ("b", "vs_b"), ("cb", None)):
+        value = ratios.get(f"output_tokens_per_s_vs_{base}")
+        goal = GOALS.get(key) if key else None
+        row(f"saturated tok/s, (c) / ({base})", value, "{:.2f}x",
+            f">= {goal}x" if goal else "-", value >= goal if goal and value else None,
+            "mixed workload, saturating closed loop")  # fmt: skip
+    util, goal = h.get("gpu_util_mean"), GOALS["gpu_util"]
+    row("GPU util % while saturated (c)", util, "{:.0f}", f">= {goal:.0f}",
+        util is not None and util >= goal, "NVML, steady window of the closed loop")  # fmt: skip
+    dh, goal = saturated(headline(d) or {}), GOALS["d_vs_c"]
+    ratio = (
+        dh["output_tokens_per_s"] / h["output_tokens_per_s"]
+        if dh.get("output_tokens_per_s") and h.get("output_tokens_per_s") else None
+    )  # fmt: skip
+    row("saturated tok/s, (d) / (c)", ratio, "{:.3f}", f">= {goal}",
+        ratio is not None and ratio >= goal, "within 5%")  # fmt: skip
+    goal = GOALS["half_load_vs_lone"]
+    for key, mode in (("c", c), ("d", d)):
+        half, lone = _half_load(mode), (mode.get("lone") or {}).get("latency_s")
+        value = half["latency_p50_s"] / lone if half and lone else None
+        note = (f"p50 {_f(half and half['latency_p50_s'], '{:.2f}')} s at x0.5 load, lone "
+                f"request ({(mode.get('lone') or {}).get('answer_tokens')} tokens) "
+                f"{_f(lone, '{:.2f}')} s")  # fmt: skip
+        row(f"p50 at half load / lone latency, ({key})", value, "{:.2f}", f"<= {goal}",
+            value is not None and value <= goal, note)  # fmt: skip
+    worker = d.get("worker") or {}
+    ready, goal = worker.get("ready_s"), GOALS["ready_s"]
+    note = (f"weights {_f(worker.get('load_s'))} s, engine {_f(worker.get('engine_s'))} s "
+            f"(graphs {_f(worker.get('graph_capture_s'))} s), warm-up "
+            f"{_f(worker.get('warmup_s'))} s")  # fmt: skip
+    row("worker ready, s (d)", ready, "{:.1f}", f"< {goal:.0f}",
+        ready is not None and ready < goal, note)  # fmt: skip
+    return rows
+
+
+TARGET_HEADER = ["target", "value", "goal", "pass", "note"]
+
+
+def target_rows(results: dict) -> list[list[str]]:
+    """The targets as table rows."""
+    marks = {True: "PASS", False: "FAIL", None: "-"}
+    return [
+        [t["target"], t["value"], t["goal"], marks[t["pass"]], t["note"]]
+        for t in results.get("targets") or targets(results)
+    ]
 
 
 def write_json(results: dict, path: Path) -> None:
@@ -140,6 +298,7 @@ def mode_rows(results: dict) -> list[list[str]]:
         if mode is None:
             continue
         h = headline(mode) or {}
+        sat = saturated(h)
         probe = mode.get("probe") or {}
         floor = (mode.get("floor") or {}).get("batch1") or {}
         mem = mode.get("peak_mem") or {}
@@ -154,23 +313,26 @@ def mode_rows(results: dict) -> list[list[str]]:
                 _f(probe.get("step_ms")),
                 _f(floor.get("floor_ms")),
                 _f(h.get("output_tokens_per_s")),
-                _f(h.get("images_per_s"), "{:.2f}"),
+                _f(sat.get("output_tokens_per_s")),
+                _f(sat.get("images_per_s"), "{:.2f}"),
                 _f(h.get("latency_p50_s")),
                 _f(h.get("latency_p95_s")),
                 _f(h.get("latency_p99_s")),
-                _f(h.get("mean_batch")),
-                _f(h.get("gpu_util_mean"), "{:.0f}"),
+                _f(sat.get("mean_rows") or h.get("mean_batch")),
+                _f(sat.get("gpu_util_mean"), "{:.0f}"),
                 _f(mem.get("peak_bytes"), "{:.1f}", 1 / GIB),
                 _f(ratios.get("output_tokens_per_s_vs_a"), "{:.2f}x"),
                 _f(ratios.get("output_tokens_per_s_vs_b"), "{:.2f}x"),
+                _f(ratios.get("output_tokens_per_s_vs_cb"), "{:.2f}x"),
             ]
         )
     return rows
 
 
 MODE_HEADER = [
-    "mode", "status", "ms/step b=1", "floor ms b=1", "out tok/s", "img/s", "p50 s", "p95 s",
-    "p99 s", "mean batch", "GPU util %", "peak GiB", "tok/s vs (a)", "tok/s vs (b)",
+    "mode", "status", "ms/step b=1", "floor ms b=1", "out tok/s", "sat tok/s", "sat img/s",
+    "p50 s", "p95 s", "p99 s", "sat batch", "sat GPU util %", "peak GiB", "vs (a)", "vs (b)",
+    "vs (cb)",
 ]  # fmt: skip
 RATE_HEADER = [
     "mode", "run", "offered req/s", "img/s", "out tok/s", "p50 s", "p95 s", "p99 s",
@@ -247,18 +409,38 @@ def facts(results: dict) -> list[str]:
         w = d["worker"]
         lines.append(
             f"- (d) worker ready after {_f(w.get('ready_s'))} s (model load "
-            f"{_f(w.get('load_s'))} s, warm-up {_f(w.get('warmup_s'))} s)"
+            f"{_f(w.get('load_s'))} s, engine {_f(w.get('engine_s'))} s: {w.get('slots', '?')} "
+            f"slots of {w.get('max_seq_len', '?')} tokens, graph capture "
+            f"{_f(w.get('graph_capture_s'))} s; warm-up {_f(w.get('warmup_s'))} s)"
         )
     for key in MODE_ORDER:
         mode = results.get("modes", {}).get(key, {})
         if mode.get("load_s") is not None and key in ("nf4", "int8"):
             lines.append(f"- {key}: loaded by `load_model` in {_f(mode['load_s'])} s")
+        engine = mode.get("engine") or {}
+        if engine.get("engine") == "continuous" and "slots" in engine and key != "d":
+            asked = engine.get("slots_asked")
+            graphs = "off"
+            if engine.get("cuda_graphs"):
+                graphs = f"captured in {_f(engine.get('graph_capture_s'))} s"
+            lines.append(
+                f"- {key}: continuous engine ready in {_f(engine.get('build_s'))} s: "
+                f"{engine['slots']} slots"
+                + (f" (asked {asked}; the memory planner fits no more)" if asked else "")
+                + f" of {engine.get('max_seq_len')} tokens, caches "
+                f"{_f(engine.get('cache_bytes'), '{:.2f}', 1 / GIB)} GiB, CUDA graphs {graphs}"
+            )
+        if mode.get("engine_fallback"):
+            lines.append(
+                f"- {key}: the continuous engine could not serve these weights, so this mode "
+                f"ran the batch executor: {mode['engine_fallback']}"
+            )
         floor = (mode.get("floor") or {}).get("at_batch")
         if floor:
             weights = _f(floor["weight_bytes"], "{:.2f}", 1e-9)
             caches = _f(floor["cache_bytes"], "{:.2f}", 1e-9)
             lines.append(
-                f"- {key}: bandwidth floor at its mean batch {_f(floor['batch'])}: "
+                f"- {key}: bandwidth floor at its saturated batch {_f(floor['batch'])}: "
                 f"{_f(floor['floor_ms'])} ms/step (weights {weights} GB + caches {caches} GB)"
             )
         if mode.get("status") not in (None, "ok"):
@@ -277,6 +459,10 @@ def markdown(results: dict) -> str:
             "",
             *facts(results),
             "",
+            "## Targets (issue 4)",
+            "",
+            md_table(TARGET_HEADER, target_rows(results)),
+            "",
             "## Modes (saturating closed loop)",
             "",
             md_table(MODE_HEADER, mode_rows(results)),
@@ -286,7 +472,10 @@ def markdown(results: dict) -> str:
             md_table(RATE_HEADER, rate_rows(results)),
             "",
             "Latency is end to end, from arrival to answer. The floor is the least time a decode "
-            "step can take: the bytes it must read over the measured bandwidth.",
+            "step can take: the bytes it must read over the measured bandwidth. *sat*: while the "
+            "closed loop was saturated; for the engine's windowed loops (c, d, quantized) its "
+            "steady window, from the answer that ends the initial fill to the last arrival; "
+            "elsewhere the whole run (full batches throughout).",
             "",
         ]
     )
@@ -297,6 +486,8 @@ def console(results: dict) -> str:
     return "\n".join(
         [
             *facts(results),
+            "",
+            text_table(TARGET_HEADER, target_rows(results)),
             "",
             text_table(MODE_HEADER, mode_rows(results)),
             "",

@@ -1,7 +1,7 @@
 """``python -m bench``: every mode, one GPU, one run, within a deadline.
 
-Order: bandwidth, model build (on the GPU), (a), (b), (c) on the in-process model; then the
-model is saved (for ``from_pretrained``) and freed; then (d) with a worker process, then the
+Order: bandwidth, model build (on the GPU), (a), (b), (c), (cb) on the in-process model; then
+the model is saved (for ``from_pretrained``) and freed; then (d) with a worker process, then the
 nf4 and int8 loads through the project's ``load_model``. The results JSON is rewritten after
 every mode, so a crash or a kill keeps what was measured. Sizes come from flags and are cut
 to each mode's time budget using the step times measured on the way.
@@ -31,13 +31,15 @@ from bench.progress import elapsed, log, set_log_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results"
-ALL_MODES = ["a", "b", "c", "d", "nf4", "int8"]
+ALL_MODES = ["a", "b", "cb", "c", "d", "nf4", "int8"]
 #: Seconds each mode may take at most, model loads included (the run's deadline still rules).
-BUDGETS = {"a": 30, "b": 60, "c": 100, "d": 130, "nf4": 75, "int8": 85}
-SMOKE_BUDGETS = {"a": 20, "b": 20, "c": 30, "d": 60, "nf4": 1, "int8": 1}
+BUDGETS = {"a": 25, "b": 55, "c": 95, "cb": 45, "d": 125, "nf4": 70, "int8": 70}
+SMOKE_BUDGETS = {"a": 20, "b": 20, "c": 30, "cb": 20, "d": 60, "nf4": 1, "int8": 1}
 #: Least seconds left on the deadline for a mode to start at all.
-MIN_START = {"a": 10, "b": 20, "c": 30, "d": 70, "nf4": 60, "int8": 60}
-SMOKE_MIN_START = {"a": 2, "b": 2, "c": 3, "d": 10, "nf4": 1, "int8": 1}
+MIN_START = {"a": 10, "b": 20, "c": 40, "cb": 20, "d": 70, "nf4": 50, "int8": 50}
+SMOKE_MIN_START = {"a": 2, "b": 2, "c": 3, "cb": 2, "d": 10, "nf4": 1, "int8": 1}
+#: Largest closed loop planned for the engine (its images are made before it starts).
+MAX_CLOSED_REQUESTS = 1500
 
 
 def mf_saved_kind(path: Path | None) -> str | None:
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="vlmq GPU benchmark: modes a (generate, batch 1), b (static batches), "
-        "c (worker engine in process), d (producer -> Redis -> Celery worker), nf4, int8.",
+        "c (the worker's continuous engine in process), cb (the worker's batch executor in "
+        "process), d (producer -> Redis -> Celery worker), nf4, int8 (the worker's default "
+        "executor on quantized weights).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few requests (CI)")
@@ -75,14 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-a", type=int, help="requests for (a) (default 4)")
     p.add_argument("--batches", type=int, help="closed-loop batches for b, c, d (default 2)")
     p.add_argument("--requests-quant", type=int, help="requests for nf4/int8 (default: a batch)")
-    p.add_argument("--max-batch", type=int, help="batch size of b, c, d (default: largest fit)")
+    p.add_argument(
+        "--max-batch", type=int, help="batch size of b, cb; slots of c, d (default: largest fit)"
+    )
     p.add_argument("--max-batch-cap", type=int, default=64, help="largest batch size tried")
-    p.add_argument("--max-wait-ms", type=int, default=50, help="the engine's batch wait")
-    p.add_argument("--rates-c", default="0.5,0.9", help="(c) arrival rates, x (c)'s capacity")
+    p.add_argument("--max-wait-ms", type=int, default=50, help="the batcher's wait when idle")
+    p.add_argument(
+        "--closed-window-s",
+        type=float,
+        help="arrivals of the engine's saturating closed loop (c, d, quantized) last this long "
+        "(default 20; 1.5 if --smoke)",
+    )
+    p.add_argument(
+        "--rates-c", help="(c) arrival rates, x (c)'s capacity (default 0.5,0.9; 0.5 if --smoke)"
+    )
     p.add_argument("--rates-d", default="0.5", help="(d) arrival rates, x (c)'s capacity")
     p.add_argument("--rate-window-s", type=float, help="arrivals per rate last this long")
-    p.add_argument("--probe-tokens", type=int, help="decode steps timed at batch 1 (default 16)")
-    p.add_argument("--deadline-s", type=float, help="stop starting work after this (default 525)")
+    p.add_argument("--probe-tokens", type=int, help="decode steps timed at batch 1 (default 32)")
+    p.add_argument("--deadline-s", type=float, help="stop starting work after this (default 530)")
     p.add_argument("--budget", default="", help="per-mode seconds, e.g. c=120,d=200")
     p.add_argument(
         "--redis-url", default=os.environ.get("VLMQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -103,8 +117,10 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     if smoke and args.out == DEFAULT_OUT:
         args.out = DEFAULT_OUT / "tmp"  # git-ignored
     args.rate_window_s = pick(args.rate_window_s, 10.0, 2.0)
-    args.probe_tokens = pick(args.probe_tokens, 16, 4)
-    args.deadline_s = pick(args.deadline_s, 525.0, 150.0)
+    args.closed_window_s = pick(args.closed_window_s, 20.0, 1.5)
+    args.rates_c = pick(args.rates_c, "0.5,0.9", "0.5")
+    args.probe_tokens = pick(args.probe_tokens, 32, 4)
+    args.deadline_s = pick(args.deadline_s, 530.0, 150.0)
     budgets = dict(SMOKE_BUDGETS if smoke else BUDGETS)
     for item in filter(None, args.budget.split(",")):
         key, _, value = item.partition("=")
@@ -119,6 +135,12 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def _rates(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
+
+
+def rate_start(fraction: float) -> int:
+    """The first workload index of the Poisson run at ``fraction`` x capacity: its own
+    requests (and images), the same in (c) and (d)."""
+    return 1_000_000 + round(fraction * 1000) * 1000
 
 
 def _slug(text: str) -> str:
@@ -141,6 +163,8 @@ class Bench:
         self._tmp = None
         self.max_batch: int | None = args.max_batch
         self.capacity_c: float | None = None
+        self.engine_slots: int | None = None  # the slots (c)'s engine got, for (d)
+        self._fresh = 0
         self.json_path: Path | None = None
         self.skips: dict[str, str] = {}
 
@@ -242,8 +266,11 @@ class Bench:
         self.save()
 
     def prepare_workload(self) -> None:
+        import statistics
+
         from bench.model_factory import TILE_SIZES
-        from bench.workload import Workload, mean_answer_tokens
+        from bench.workload import ANSWER_MAX, Workload, mean_answer_tokens, scaled_length
+        from producer.protocol import Limits
 
         a = self.args
         self.workload = Workload(
@@ -253,9 +280,17 @@ class Bench:
             (s for s in self.workload.requests(64) if s.tiles == 4), self.workload.request(0)
         )
         self._images: dict[int, bytes] = {}
+        self.median_answer = round(
+            statistics.median(s.answer_tokens for s in self.workload.requests(1000))
+        )
+        # The engine's slots hold the longest answer (the worker sizes them by this limit).
+        longest = max(scaled_length(ANSWER_MAX, a.length_scale), 1 + a.probe_tokens)
+        self.limits = Limits(max_new_tokens=longest)
         self.results["workload"] = {
             **self.workload.to_dict(),
             "mean_answer_tokens": mean_answer_tokens(a.length_scale),
+            "median_answer_tokens": self.median_answer,
+            "max_new_tokens": longest,
             "probe_request": dataclasses.asdict(self.probe_spec),
         }
 
@@ -265,12 +300,42 @@ class Bench:
             data = self._images[spec.index] = self.workload.image_bytes(spec)
         return data
 
+    def probe_spec_of(self, tokens: int):
+        """The probe request (4 tiles) with an answer of ``tokens``."""
+        return dataclasses.replace(self.probe_spec, answer_tokens=tokens)
+
+    def fresh_images(self, count: int) -> list[bytes]:
+        """Images of the probe request's size never used before (no engine can reuse their
+        cross-attention cache)."""
+        out = []
+        for _ in range(count):
+            self._fresh += 1
+            spec = dataclasses.replace(
+                self.probe_spec, image_seed=self.probe_spec.image_seed + self._fresh
+            )
+            out.append(self.workload.image_bytes(spec))
+        return out
+
+    def settings(self, slots: int, precision: str | None = None):
+        """The worker settings the in-process executors are built from (as the worker does)."""
+        from worker.settings import WorkerSettings
+
+        on_cuda = self.args.device.startswith("cuda")
+        return WorkerSettings(
+            model=str(self.model_dir or f"bench-{self.args.model}"),
+            precision=precision or ("bf16" if on_cuda else "fp32"),
+            device="cuda" if on_cuda else "cpu",
+            max_batch_size=slots,
+            max_wait_ms=self.args.max_wait_ms,
+            limits=self.limits,
+        )
+
     # -- the model -------------------------------------------------------------------
     def active(self) -> list[str]:
         return [m for m in self.args.modes if m not in self.skips]
 
     def needs_inprocess(self) -> bool:
-        return any(m in self.active() for m in ("a", "b", "c"))
+        return any(m in self.active() for m in ("a", "b", "c", "cb"))
 
     def needs_saved(self) -> bool:
         return any(m in self.active() for m in ("d", "nf4", "int8"))
@@ -470,8 +535,9 @@ class Bench:
             bytes_per_s=bw,
         )
         mode["floor"] = {"batch1": decode_floor_ms(batch=1, **kw)}
-        if h.get("mean_batch"):
-            mode["floor"]["at_batch"] = decode_floor_ms(batch=h["mean_batch"], **kw)
+        batch = report.saturated(h).get("mean_rows") or h.get("mean_batch")
+        if batch:
+            mode["floor"]["at_batch"] = decode_floor_ms(batch=batch, **kw)
 
     def start_mode(self, key: str, label: str) -> dict:
         from bench.report import MODE_LABELS
@@ -522,16 +588,17 @@ class Bench:
 
     # -- modes -------------------------------------------------------------------------
     def mode_a(self, key: str) -> None:
-        from bench.modes import GenerateServer, Schedule, drive, probe_step_ms, warm_up
+        from bench.modes import Schedule, drive, generate_target, probe_step_ms, warm_up
 
         mode = self.start_mode(key, "a")
         stop_at = self.mode_stop_at(key)
         self.reset_peak()
         t0 = time.time()
-        server = GenerateServer(self.model, self.processor, 1, "(a)")
-        data = self.image_of(self.probe_spec)
-        mode["warmup_s"] = warm_up(server, self.probe_spec, data)
-        probe = probe_step_ms(server, self.probe_spec, data, k=self.args.probe_tokens)
+        target = generate_target(self.model, self.processor, 1, "(a)", limits=self.limits)
+        mode["warmup_s"] = warm_up(target, self.probe_spec, self.fresh_images(1)[0])
+        probe = probe_step_ms(
+            target, self.probe_spec, self.fresh_images(4), k=self.args.probe_tokens
+        )
         mode["probe"] = probe
         log(f"a: batch 1: {probe['step_ms']:.1f} ms per decode step, first token "
             f"{probe['first_token_ms']:.0f} ms")  # fmt: skip
@@ -541,7 +608,7 @@ class Bench:
         if n < len(specs):
             log(f"a: {n} of {len(specs)} requests fit the budget")
         run = drive(
-            server, specs[:n], self.image_of, Schedule.closed(2), name="closed", stop_at=stop_at
+            target, specs[:n], self.image_of, Schedule.closed(2), name="closed", stop_at=stop_at
         )
         self.summarize(key, [run], t0, True)
 
@@ -550,7 +617,7 @@ class Bench:
         with its prefill and step times."""
         import torch
 
-        from bench.modes import GenerateServer, Job
+        from bench.modes import Job, generate_target, serve_now
 
         a = self.args
         cache = self.results["model"]["cache"]
@@ -561,17 +628,19 @@ class Bench:
         tried = []
         b = 1 << (max(1, a.max_batch_cap).bit_length() - 1)
         while b >= 1:
-            server = GenerateServer(self.model, self.processor, b, f"(b) fit {b}")
+            target = generate_target(self.model, self.processor, b, f"(b) fit {b}")
             self.reset_peak()
             entry: dict[str, Any] = {"batch": b}
             try:
                 times = []
                 for tokens in (1, 1 + k):
                     spec = dataclasses.replace(self.probe_spec, answer_tokens=tokens)
-                    jobs = [Job(spec, data, time.time()) for _ in range(b)]
                     t = time.perf_counter()
-                    server.serve(jobs)
+                    outcomes = serve_now(target, [Job(spec, data) for _ in range(b)])
                     times.append(time.perf_counter() - t)
+                    errors = [o.error for o in outcomes if o.error is not None]
+                    if errors:  # the executor turns an OOM into every request's error
+                        raise RuntimeError(str(errors[0]))
                 peak = torch.cuda.max_memory_reserved()
                 growth = b * cache["self_per_token"] * (longest + 64)
                 entry.update(
@@ -595,8 +664,9 @@ class Bench:
         raise RuntimeError("not even a batch of 1 fits in GPU memory")
 
     def ensure_batch(self) -> int:
-        """The batch size of b, c, d and the quantized modes: ``--max-batch``, else the
-        largest that fits (found once, on the in-process model), else 16 (4 on a CPU)."""
+        """The batch size of b and cb, and the engine slots of c, d and the quantized modes:
+        ``--max-batch``, else the largest that fits (found once, on the in-process model),
+        else 16 (4 on a CPU)."""
         if self.max_batch is None:
             if self.args.device.startswith("cuda") and self.model is not None:
                 self.results["batch_fit"] = self.fit_batch()
@@ -607,7 +677,7 @@ class Bench:
         return self.max_batch
 
     def batch_estimate(self, key: str) -> float | None:
-        """Seconds one full batch takes, by the fit probe (if it ran)."""
+        """Seconds one full static batch takes, by the fit probe (if it ran)."""
         fit = self.results.get("batch_fit")
         if not fit or "step_ms" not in fit:
             return None
@@ -615,7 +685,7 @@ class Bench:
         return fit["first_token_s"] + longest * fit["step_ms"] / 1000.0
 
     def mode_b(self, key: str) -> None:
-        from bench.modes import GenerateServer, Schedule, drive, probe_step_ms, warm_up
+        from bench.modes import Schedule, drive, generate_target, probe_step_ms, warm_up
 
         mode = self.start_mode(key, "b")
         stop_at = self.mode_stop_at(key)
@@ -628,10 +698,11 @@ class Bench:
         if a_probe:
             mode["probe"] = {**a_probe, "note": "the same generate path as (a) at batch 1"}
         else:
-            one = GenerateServer(self.model, self.processor, 1, "(b) probe")
-            data = self.image_of(self.probe_spec)
-            warm_up(one, self.probe_spec, data)
-            mode["probe"] = probe_step_ms(one, self.probe_spec, data, k=self.args.probe_tokens)
+            one = generate_target(self.model, self.processor, 1, "(b) probe", limits=self.limits)
+            warm_up(one, self.probe_spec, self.fresh_images(1)[0])
+            mode["probe"] = probe_step_ms(
+                one, self.probe_spec, self.fresh_images(4), k=self.args.probe_tokens
+            )
         batches = self.args.batches
         est = self.batch_estimate(key)
         if est:
@@ -639,63 +710,148 @@ class Bench:
             if fit_n < batches:
                 log(f"b: {fit_n} of {batches} batches fit the budget (about {est:.0f} s each)")
                 batches = fit_n
-        server = GenerateServer(self.model, self.processor, b, "(b)")
+        target = generate_target(self.model, self.processor, b, "(b)", limits=self.limits)
         specs = self.workload.requests(batches * b)
         run = drive(
-            server, specs, self.image_of, Schedule.closed(2 * b), name="closed", stop_at=stop_at
+            target, specs, self.image_of, Schedule.closed(2 * b), name="closed", stop_at=stop_at
         )
         self.summarize(key, [run], t0, True)
 
-    def engine(self, model, processor, label: str):
-        from bench.modes import EngineServer
-        from producer.claimcheck import MemoryImageStore
-        from producer.protocol import Limits
-        from worker.executor import BatchExecutor
-        from worker.model.runner import MllamaRunner
+    def continuous(self, model, processor, slots: int, label: str, precision: str | None = None):
+        """The worker's default executor over ``model`` with ``slots`` engine slots, or with as
+        many as the engine's memory planner fits when fewer do (``info["slots_asked"]``)."""
+        from bench.modes import continuous_target
 
-        runner = MllamaRunner(model, processor)
-        images = MemoryImageStore()
-        executor = BatchExecutor(runner, images, Limits(), f"bench-{self.args.model}")
-        server = EngineServer(
-            executor, images, self.ensure_batch(), self.args.max_wait_ms / 1000.0, label
-        )
-        return runner, server
+        try:
+            return continuous_target(model, processor, self.settings(slots, precision), label)
+        except ValueError as exc:
+            fit = self.slots_that_fit(model)
+            if not 0 < fit < slots:
+                raise
+            log(f"{label}: {exc}; the engine's planner fits {fit} slots: using them")
+        target = continuous_target(model, processor, self.settings(fit, precision), label)
+        target.info["slots_asked"] = slots
+        return target
 
-    def closed_and_rates(self, key: str, server, rates: list[float], stop_at: float) -> list:
+    def slots_that_fit(self, model) -> int:
+        """The slots the engine's planner would choose by itself for the workload's lengths."""
+        from worker.bootstep import PROMPT_TOKENS
+        from worker.engine.parts import MllamaParts
+        from worker.engine.slots import plan_capacity
+
+        parts = MllamaParts(model)
+        try:
+            capacity = plan_capacity(
+                parts.geometry,
+                model.config.vision_config,
+                parts.dtype,
+                parts.device,
+                max_slots=None,
+                max_seq_len=self.limits.max_new_tokens + PROMPT_TOKENS,
+                memory_fraction=0.9,
+            )
+        except ValueError:
+            return 0
+        return capacity.max_slots
+
+    def release_memory(self) -> None:
+        """Collect what was dropped (an engine's caches and graphs) and give it back."""
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def lone_latency(self, target) -> dict:
+        """Arrival to answer of a lone request of the workload's median answer length (4-tile
+        image), on an idle target: the mean of two."""
+        from bench.modes import serve_alone
+
+        spec = dataclasses.replace(self.probe_spec, answer_tokens=self.median_answer)
+        runs = [serve_alone(target, spec, data)[0] for data in self.fresh_images(2)]
+        return {
+            "answer_tokens": spec.answer_tokens,
+            "tiles": spec.tiles,
+            "runs_s": runs,
+            "latency_s": sum(runs) / len(runs),
+        }
+
+    def drain_estimate(self, key: str, queued: int = 0) -> float:
+        """Seconds, roughly, for an engine to answer ``queued`` requests waiting for a slot
+        (their prefills: about half a lone 4-tile first token each) and then its longest
+        answer (at three times the batch-1 step)."""
+        probe = (self.results["modes"].get(key) or {}).get("probe") or {}
+        step_ms = max(probe.get("step_ms") or 50.0, 1.0)
+        first_ms = probe.get("first_token_ms") or 1000.0
+        longest_ms = first_ms + 3 * self.limits.max_new_tokens * step_ms
+        return (queued * first_ms / 2 + longest_ms) / 1000.0
+
+    def plan_closed(self, key: str, slots: int, window_s: float) -> int:
+        """Requests to prepare for a closed loop whose arrivals last ``window_s``: more than
+        the engine is expected to take in that time (the loop stops at the window)."""
+        from bench.report import headline
+
+        b_head = headline(self.results["modes"].get("b") or {}) or {}
+        if self.capacity_c:
+            rate = 1.3 * self.capacity_c
+        elif b_head.get("images_per_s"):
+            rate = 4 * b_head["images_per_s"]
+        else:
+            probe = (self.results["modes"].get(key) or {}).get("probe") or {}
+            step_s = max(probe.get("step_ms") or 50.0, 1.0) / 1000.0
+            rate = slots / (step_s * self.results["workload"]["mean_answer_tokens"])
+        return int(min(MAX_CLOSED_REQUESTS, max(4 * slots, window_s * rate + 2 * slots)))
+
+    def closed_and_rates(self, key: str, target, rates: list[float], stop_at: float) -> list:
+        """A saturating closed loop (2 x batch in flight), then Poisson arrivals at ``rates``
+        x (c)'s saturated capacity. The engine's closed loop lasts ``--closed-window-s`` of
+        arrivals; a batch executor's runs ``--batches`` batches."""
         from bench.modes import Schedule, drive
-        from bench.report import summarize_run
+        from bench.report import saturated, summarize_run
         from bench.workload import poisson_arrivals
 
-        b = server.max_batch
-        batches = self.args.batches
-        est = self.batch_estimate(key)
-        if est:
-            room = stop_at - time.time() - (len(rates) * (self.args.rate_window_s + est))
-            batches = max(1, min(batches, int(room // est)))
-        specs = self.workload.requests(batches * b)
-        runs = [
-            drive(
-                server, specs, self.image_of, Schedule.closed(2 * b), name="closed", stop_at=stop_at
+        a = self.args
+        b = target.max_batch
+        if target.engine is not None:
+            drain = self.drain_estimate(key)
+            spare = (
+                stop_at
+                - time.time()
+                - self.drain_estimate(key, queued=2 * b)
+                - len(rates) * (a.rate_window_s + drain)
             )
-        ]
-        capacity = summarize_run(runs[0].to_dict()).get("images_per_s")
+            window = max(1.0, min(a.closed_window_s, spare))
+            n = self.plan_closed(key, b, window)
+            schedule = Schedule.closed(2 * b, window_s=window)
+            log(f"{key}: closed loop of {2 * b} in flight for {window:.0f} s of arrivals")
+        else:
+            batches = a.batches
+            est = self.batch_estimate(key)
+            if est:
+                room = stop_at - time.time() - len(rates) * (a.rate_window_s + est)
+                batches = max(1, min(batches, int(room // est)))
+            n = batches * b
+            schedule = Schedule.closed(2 * b)
+        specs = self.workload.requests(n)
+        runs = [drive(target, specs, self.image_of, schedule, name="closed", stop_at=stop_at)]
+        capacity = saturated(summarize_run(runs[0].to_dict())).get("images_per_s")
         if key == "c":
             self.capacity_c = capacity
         for fraction in rates:
             base = self.capacity_c or capacity
             if not base:
                 break
-            if time.time() + self.args.rate_window_s > stop_at:
+            if time.time() + a.rate_window_s > stop_at:
                 log(f"{key}: no time left for rate x{fraction}")
                 break
             rate = fraction * base
-            n = max(3, round(rate * self.args.rate_window_s))
-            offsets = poisson_arrivals(n, rate, self.args.seed)
-            arrivals_s = max(offsets[-1], self.args.rate_window_s) + 1.0
+            n = max(3, round(rate * a.rate_window_s))
+            offsets = poisson_arrivals(n, rate, a.seed)
+            arrivals_s = max(offsets[-1], a.rate_window_s) + 1.0
             runs.append(
                 drive(
-                    server,
-                    self.workload.requests(n),
+                    target,
+                    self.workload.requests(n, start=rate_start(fraction)),
                     self.image_of,
                     Schedule.poisson(offsets, rate),
                     name=f"poisson x{fraction:g} ({rate:.2f}/s)",
@@ -705,28 +861,67 @@ class Bench:
         return runs
 
     def mode_c(self, key: str) -> None:
-        from bench.modes import probe_step_ms
+        from bench.modes import probe_step_ms, warm_up
 
         mode = self.start_mode(key, "c")
         stop_at = self.mode_stop_at(key)
-        self.ensure_batch()
+        b = self.ensure_batch()
         self.reset_peak()
         t0 = time.time()
-        runner, server = self.engine(self.model, self.processor, "(c)")
+        target = self.continuous(self.model, self.processor, b, "(c)")
+        try:
+            mode.update(
+                engine=target.info, batch=target.max_batch, max_wait_ms=self.args.max_wait_ms
+            )
+            self.engine_slots = target.max_batch
+            t = time.perf_counter()
+            target.executor.warmup()
+            mode["warmup_s"] = time.perf_counter() - t
+            # The worker's warm-up image is one tile; the probe's first 4-tile image would
+            # pay for first-use costs (kernel selection) otherwise.
+            warm_up(target, self.probe_spec, self.fresh_images(1)[0])
+            self.save()
+            mode["probe"] = probe_step_ms(
+                target, self.probe_spec, self.fresh_images(4), k=self.args.probe_tokens
+            )
+            mode["lone"] = self.lone_latency(target)
+            p = mode["probe"]
+            log(f"c: batch 1: {p['step_ms']:.1f} ms per decode step (engine timer "
+                f"{p.get('engine_step_ms', float('nan')):.1f} ms), first token "
+                f"{p['first_token_ms']:.0f} ms; a lone request of {self.median_answer} tokens: "
+                f"{mode['lone']['latency_s']:.2f} s")  # fmt: skip
+            runs = self.closed_and_rates(key, target, _rates(self.args.rates_c), stop_at)
+        finally:
+            target = None
+            self.release_memory()
+        self.summarize(key, runs, t0, True)
+
+    def mode_cb(self, key: str) -> None:
+        from bench.modes import batch_target, probe_step_ms, warm_up
+
+        mode = self.start_mode(key, "cb")
+        stop_at = self.mode_stop_at(key)
+        b = self.ensure_batch()
+        self.reset_peak()
+        t0 = time.time()
+        target = batch_target(self.model, self.processor, self.settings(b), "(cb)")
         t = time.perf_counter()
-        runner.warmup()
-        mode["warmup_s"] = time.perf_counter() - t
-        mode["batch"] = server.max_batch
-        mode["max_wait_ms"] = self.args.max_wait_ms
-        mode["probe"] = probe_step_ms(
-            server, self.probe_spec, self.image_of(self.probe_spec), k=self.args.probe_tokens
+        target.executor.warmup()
+        warm_up(target, self.probe_spec, self.fresh_images(1)[0])
+        mode.update(
+            warmup_s=time.perf_counter() - t,
+            batch=b,
+            max_wait_ms=self.args.max_wait_ms,
+            engine=target.info,
         )
-        log(f"c: batch 1: {mode['probe']['step_ms']:.1f} ms per decode step")
-        runs = self.closed_and_rates(key, server, _rates(self.args.rates_c), stop_at)
+        mode["probe"] = probe_step_ms(
+            target, self.probe_spec, self.fresh_images(4), k=self.args.probe_tokens
+        )
+        log(f"cb: batch 1: {mode['probe']['step_ms']:.1f} ms per decode step")
+        runs = self.closed_and_rates(key, target, [], stop_at)
         self.summarize(key, runs, t0, True)
 
     def mode_d(self, key: str) -> None:
-        from bench.report import summarize_run
         from bench.system import SystemConfig, WorkerProcess, flush_redis, run_loadgen
         from bench.workload import poisson_arrivals
 
@@ -735,7 +930,7 @@ class Bench:
         a = self.args
         if self.model_dir is None:
             raise SkipMode("no saved model to load")
-        b = self.ensure_batch()
+        slots = self.engine_slots or self.ensure_batch()
         on_cuda = a.device.startswith("cuda")
         flush_redis(a.redis_url)
         config = SystemConfig(
@@ -743,11 +938,13 @@ class Bench:
             model_dir=self.model_dir,
             device="cuda" if on_cuda else "cpu",
             precision="bf16" if on_cuda else "fp32",
-            max_batch=b,
+            max_batch=slots,
             max_wait_ms=a.max_wait_ms,
             out_dir=a.out,
+            engine="continuous",
+            max_new_tokens=self.limits.max_new_tokens,
         )
-        mode.update(batch=b, max_wait_ms=a.max_wait_ms)
+        mode.update(batch=slots, max_wait_ms=a.max_wait_ms)
         self.reset_peak()
         t0 = time.time()
         worker = WorkerProcess(config)
@@ -755,19 +952,28 @@ class Bench:
             worker.start()
             ready_s = worker.wait_ready(max(10.0, stop_at - time.time()))
             mode["worker"] = {"ready_s": ready_s, **worker.timings()}
+            mode["engine"] = {"engine": config.engine}
             log(f"d: worker ready in {ready_s:.1f} s ({worker.timings()})")
             self.save()
-            est = self.batch_estimate(key)
-            batches = a.batches
-            if est:
-                rates_time = len(_rates(a.rates_d)) * (a.rate_window_s + est)
-                batches = max(1, min(batches, int((stop_at - time.time() - rates_time) // est)))
+            source = "c" if (self.results["modes"].get("c") or {}).get("probe") else key
+            drain = self.drain_estimate(source)
+            rates_time = len(_rates(a.rates_d)) * (a.rate_window_s + drain)
+            # 10 s: the probe's six lone requests and the worker's warm shutdown.
+            spare = (
+                stop_at
+                - time.time()
+                - 10.0
+                - self.drain_estimate(source, queued=2 * slots)
+                - rates_time
+            )
+            window = max(1.0, min(a.closed_window_s, spare))
             timeout = max(30.0, stop_at - time.time() + 60)
             runs = [
                 {"name": "probe", "schedule": "probe", "k": a.probe_tokens,
-                 "index": self.probe_spec.index, "repeats": 2},
-                {"name": "closed", "schedule": "closed", "n": batches * b,
-                 "concurrency": 2 * b, "max_s": max(1.0, stop_at - time.time())},
+                 "index": self.probe_spec.index, "repeats": 2, "lone_tokens": self.median_answer},
+                {"name": "closed", "schedule": "closed", "n": self.plan_closed(key, slots, window),
+                 "concurrency": 2 * slots, "window_s": window,
+                 "max_s": max(1.0, stop_at - time.time())},
             ]  # fmt: skip
             logs, probe = run_loadgen(
                 config,
@@ -778,9 +984,17 @@ class Bench:
                 alive=worker.alive,
             )
             mode["probe"] = probe
+            if probe and probe.get("lone_s"):
+                mode["lone"] = {
+                    "answer_tokens": self.median_answer,
+                    "tiles": self.probe_spec.tiles,
+                    "latency_s": probe["lone_s"],
+                }
             capacity = self.capacity_c
             if capacity is None and logs:
-                capacity = summarize_run(logs[0].to_dict()).get("images_per_s")
+                from bench.report import saturated, summarize_run
+
+                capacity = saturated(summarize_run(logs[0].to_dict())).get("images_per_s")
             rate_runs = []
             for fraction in _rates(a.rates_d):
                 if not capacity or time.time() + a.rate_window_s > stop_at:
@@ -794,6 +1008,7 @@ class Bench:
                         "schedule": "poisson",
                         "rate": rate,
                         "n": n,
+                        "start": rate_start(fraction),
                         "max_s": min(arrivals_s, max(1.0, stop_at - time.time())),
                         "seed": a.seed,
                     }
@@ -842,30 +1057,59 @@ class Bench:
         finally:
             self.free_model()
 
+    def _quant_target(self, key: str, mode: dict):
+        """The worker's default executor (the continuous engine) on these weights; the batch
+        executor when the engine cannot serve them (``mode["engine_fallback"]`` says why)."""
+        from bench.modes import batch_target, serve_alone
+
+        b = self.engine_slots or self.ensure_batch()
+        try:
+            target = self.continuous(self.model, self.processor, b, f"({key})", precision=key)
+            target.executor.warmup()
+            # The executor's warm-up drops a failed answer: ask for one (4 tiles) and check it.
+            serve_alone(target, self.probe_spec_of(3), self.fresh_images(1)[0])
+            return target
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {str(exc)[:300]}"
+        target = None
+        self.release_memory()
+        log(f"{key}: the continuous engine cannot serve these weights ({reason}); "
+            "falling back to the batch executor")  # fmt: skip
+        mode["engine_fallback"] = reason
+        target = batch_target(self.model, self.processor, self.settings(b, key), f"({key})")
+        target.executor.warmup()
+        serve_alone(target, self.probe_spec_of(3), self.fresh_images(1)[0])
+        return target
+
     def _quant_runs(self, key: str, mode: dict, stop_at: float) -> list:
         from bench.modes import Schedule, drive, probe_step_ms
 
-        runner, server = self.engine(self.model, self.processor, f"({key})")
-        runner.warmup()
-        mode["batch"] = server.max_batch
-        mode["probe"] = probe_step_ms(
-            server, self.probe_spec, self.image_of(self.probe_spec), k=self.args.probe_tokens
-        )
-        step = mode["probe"]["step_ms"]
-        log(f"{key}: batch 1: {step:.1f} ms per decode step")
-        n = self.args.requests_quant or server.max_batch
-        est = self.batch_estimate(key)
-        bf16_probe = (self.results["modes"].get("c") or {}).get("probe") or {}
-        if est and bf16_probe.get("step_ms"):
-            # The bf16 batch estimate, scaled by this precision's step-time ratio.
-            est *= max(1.0, step / bf16_probe["step_ms"])
-            room = stop_at - time.time()
-            if est > room and n > 2:
-                n = max(2, int(n * room / est))
-                log(f"{key}: {n} requests fit the budget (a batch takes about {est:.0f} s)")
-        specs = self.workload.requests(n)
-        schedule = Schedule.closed(2 * server.max_batch)
-        return [drive(server, specs, self.image_of, schedule, name="closed", stop_at=stop_at)]
+        target = self._quant_target(key, mode)
+        try:
+            mode.update(engine=target.info, batch=target.max_batch)
+            mode["probe"] = probe_step_ms(
+                target, self.probe_spec, self.fresh_images(4), k=self.args.probe_tokens
+            )
+            step = mode["probe"]["step_ms"]
+            log(f"{key}: batch 1: {step:.1f} ms per decode step ({target.info['engine']})")
+            if target.engine is not None:
+                return self.closed_and_rates(key, target, [], stop_at)
+            n = self.args.requests_quant or target.max_batch
+            est = self.batch_estimate(key)
+            bf16_probe = (self.results["modes"].get("cb") or {}).get("probe") or {}
+            if est and bf16_probe.get("step_ms"):
+                # The bf16 batch estimate, scaled by this precision's step-time ratio.
+                est *= max(1.0, step / bf16_probe["step_ms"])
+                room = stop_at - time.time()
+                if est > room and n > 2:
+                    n = max(2, int(n * room / est))
+                    log(f"{key}: {n} requests fit the budget (a batch takes about {est:.0f} s)")
+            specs = self.workload.requests(n)
+            schedule = Schedule.closed(2 * target.max_batch)
+            return [drive(target, specs, self.image_of, schedule, name="closed", stop_at=stop_at)]
+        finally:
+            target = None
+            self.release_memory()
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> int:
@@ -876,7 +1120,9 @@ class Bench:
         modes = self.args.modes
         if self.needs_inprocess() or (self.needs_saved() and self.args.model == "tiny"):
             self.load_inprocess_model()
-        for key, fn in (("a", self.mode_a), ("b", self.mode_b), ("c", self.mode_c)):
+        in_process = (("a", self.mode_a), ("b", self.mode_b), ("c", self.mode_c),
+                      ("cb", self.mode_cb))  # fmt: skip
+        for key, fn in in_process:
             if key in modes:
                 self.run_mode(key, fn)
         if self.needs_saved():

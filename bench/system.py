@@ -1,5 +1,5 @@
 """Mode (d), the whole system: the load generator process -> Redis -> ``celery -A worker.app
-worker`` process, both started here and always stopped here."""
+worker`` process (its default engine: continuous), both started here and always stopped here."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class SystemConfig:
     max_wait_ms: int
     out_dir: Path
     tag: str = "d"
+    engine: str = "continuous"  # VLMQ_ENGINE
+    max_new_tokens: int | None = None  # VLMQ_MAX_NEW_TOKENS: sizes the engine's slots
 
 
 class WorkerProcess:
@@ -55,12 +57,15 @@ class WorkerProcess:
             "VLMQ_PRECISION": c.precision,
             "VLMQ_MAX_BATCH_SIZE": str(c.max_batch),
             "VLMQ_MAX_WAIT_MS": str(c.max_wait_ms),
+            "VLMQ_ENGINE": c.engine,
             "VLMQ_WARMUP": "1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_VERBOSITY": "error",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
         env.pop("VLMQ_GPU", None)
+        if c.max_new_tokens is not None:
+            env["VLMQ_MAX_NEW_TOKENS"] = str(c.max_new_tokens)
         argv = [
             sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
             "--loglevel=INFO", "-n", f"vlmq-bench-{os.getpid()}@%h",
@@ -108,14 +113,24 @@ class WorkerProcess:
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def timings(self) -> dict[str, float | None]:
-        """Model load and warm-up seconds, as the worker logged them."""
+    def timings(self) -> dict[str, float | int | None]:
+        """What the worker logged of its start: model load, engine (slots, length, graph
+        capture) and warm-up."""
         text = self.log_text()
-        load = re.search(r"Loaded .* in ([0-9.]+) s", text)
-        warm = re.search(r"Warmed up in ([0-9.]+) s", text)
+
+        def find(pattern: str, group: int = 1, kind: type = float) -> float | int | None:
+            match = re.search(pattern, text)
+            return kind(match.group(group)) if match else None
+
+        engine = r"Engine ready in ([0-9.]+) s: (\d+) slots of (\d+) tokens"
         return {
-            "load_s": float(load.group(1)) if load else None,
-            "warmup_s": float(warm.group(1)) if warm else None,
+            "load_s": find(r"Loaded .* in ([0-9.]+) s"),
+            "engine_s": find(engine),
+            "slots": find(engine, 2, int),
+            "max_seq_len": find(engine, 3, int),
+            "graphs": find(r"captured (\d+) decode graphs", 1, int),
+            "graph_capture_s": find(r"captured \d+ decode graphs .* in ([0-9.]+) s"),
+            "warmup_s": find(r"Warmed up in ([0-9.]+) s"),
         }
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
@@ -172,7 +187,7 @@ def run_loadgen(
             }
         )
     )
-    total = sum(r.get("n", 0) if r["schedule"] != "probe" else 4 for r in runs)
+    total = sum(r.get("n", 0) if r["schedule"] != "probe" else 6 for r in runs)
     progress = Progress(f"(d) {config.tag} requests", total)
     env = {
         **os.environ,
@@ -240,9 +255,12 @@ def parse_records(path: Path) -> tuple[list[RunLog], dict | None]:
                 concurrency=c.get("concurrency"),
                 n_planned=c.get("n", 0),
                 t0=event["t"],
+                windowed=c["schedule"] == "closed" and c.get("window_s") is not None,
             )
         elif event["event"] == "run_end" and name in runs:
             runs[name].t1 = event["t"]
+            if runs[name].windowed and event.get("arrived") is not None:
+                runs[name].n_planned = event["arrived"]
         elif event["event"] == "record" and name in runs:
             if runs[name].schedule == "probe":
                 probe_records.append(event)
@@ -269,6 +287,8 @@ def parse_records(path: Path) -> tuple[list[RunLog], dict | None]:
 
 def _probe(records: list[dict]) -> dict | None:
     ok = [r for r in records if r.get("error") is None]
+    lone = [r for r in ok if r.get("lone")]
+    ok = [r for r in ok if not r.get("lone")]
     one = [r for r in ok if r["expected_tokens"] == 1]
     many = [r for r in ok if r["expected_tokens"] > 1]
     if not one or not many:
@@ -283,4 +303,5 @@ def _probe(records: list[dict]) -> dict | None:
         "step_ms": (gpu_many - gpu_one) / k,
         "step_ms_e2e": (e2e_many - e2e_one) * 1000.0 / k,
         "k": k,
+        "lone_s": sum(r["end"] - r["arrival"] for r in lone) / len(lone) if lone else None,
     }

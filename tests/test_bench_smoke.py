@@ -45,7 +45,7 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((tmp_path / "smoke.json").read_text())
-    for key in ("a", "b", "c", "d"):
+    for key in ("a", "b", "cb", "c", "d"):
         mode = results["modes"][key]
         assert mode["status"] == "ok", (key, mode.get("error"), mode.get("reason"))
         assert mode["probe"]["step_ms"] is not None, key
@@ -57,12 +57,83 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
         for run in mode["runs"]:
             for record in run["records"]:
                 assert record["error"] is None, (key, record)
+                # Forced lengths: every answer, the engine's included, has exactly its length.
                 assert record["answer_tokens"] == record["expected_tokens"], (key, record)
-    assert {run["schedule"] for run in results["modes"]["c"]["runs"]} == {"closed", "poisson"}
-    assert {run["schedule"] for run in results["modes"]["d"]["runs"]} == {"closed", "poisson"}
-    assert results["modes"]["d"]["worker"]["ready_s"] > 0
     assert results["modes"]["nf4"]["status"] == results["modes"]["int8"]["status"] == "skipped"
-    assert "(d) producer -> Redis -> Celery worker" in (tmp_path / "smoke.md").read_text()
+
+    c, d = results["modes"]["c"], results["modes"]["d"]
+    # (c) is the worker's default engine, streaming: requests joined while others decoded.
+    assert c["engine"]["engine"] == "continuous"
+    assert c["engine"]["slots"] == c["batch"] == results["modes"]["cb"]["batch"]
+    assert min(c["engine"]["eos_token_ids"]) >= c["engine"]["lm_head_rows"]  # never sampled
+    assert c["runs"][0]["windowed"] and c["runs"][0]["engine"]["decode_steps"] > 0
+    # Streaming admission: a request entered while another, admitted earlier, was running.
+    records = c["runs"][0]["records"]
+    assert any(a["start"] < b["start"] < a["end"] for a in records for b in records)
+    assert c["lone"]["latency_s"] > 0
+    assert results["modes"]["cb"]["engine"]["engine"] == "batch"
+    assert {run["schedule"] for run in c["runs"]} == {"closed", "poisson"}
+    assert {run["schedule"] for run in d["runs"]} == {"closed", "poisson"}
+    # (d) runs the worker's default engine with (c)'s slots, and reports its start-up.
+    assert d["worker"]["ready_s"] > 0
+    assert d["worker"]["slots"] == c["engine"]["slots"]
+    assert d["worker"]["max_seq_len"] == c["engine"]["max_seq_len"]
+    assert d["probe"]["lone_s"] > 0
+    names = [t["target"] for t in results["targets"]]
+    assert any("(c) / (a)" in n for n in names) and any("(d) / (c)" in n for n in names)
+    text = (tmp_path / "smoke.md").read_text()
+    assert "(d) producer -> Redis -> Celery worker" in text
+    assert "## Targets (issue 4)" in text
+
+
+def test_steady_window_and_targets() -> None:
+    from bench import report
+
+    # A closed loop of 4 in flight, one answer of 10 tokens every second from t=1 to t=10,
+    # each in the executor for 2 s; arrivals stop at t=8.
+    records = [
+        {"arrival": max(0.0, t - 3.0), "start": t - 2.0, "end": float(t), "answer_tokens": 10,
+         "expected_tokens": 10, "error": None}
+        for t in range(2, 11)
+    ]  # fmt: skip
+    run = {"name": "closed", "schedule": "closed", "concurrency": 4, "windowed": True,
+           "n_planned": len(records), "records": records,
+           "batches": [[t, t + 1.0, 2] for t in range(0, 10)]}  # fmt: skip
+    summary = report.summarize_run(run)
+    steady = summary["steady"]
+    assert steady["window"] == [3.0, 7.0]  # the 2nd answer .. the last arrival
+    assert abs(steady["output_tokens_per_s"] - 10.0) < 1e-9
+    assert report.saturated(summary)["output_tokens_per_s"] == steady["output_tokens_per_s"]
+
+    def mode(tok_s: float, **extra) -> dict:
+        closed = {"name": "closed", "schedule": "closed", "n_ok": 1, "output_tokens_per_s": tok_s,
+                  "images_per_s": tok_s / 10}  # fmt: skip
+        return {"summaries": [closed, *extra.pop("more", [])], **extra}
+
+    half = {"name": "poisson x0.5 (1.00/s)", "schedule": "poisson", "n_ok": 5,
+            "latency_p50_s": 1.2}  # fmt: skip
+    results = {
+        "device": {"name": "NVIDIA H100 80GB HBM3"},
+        "modes": {
+            "a": mode(10.0),
+            "b": mode(40.0),
+            "cb": mode(50.0),
+            "c": mode(100.0, probe={"step_ms": 8.0}, lone={"latency_s": 1.0}, more=[half]),
+            "d": mode(96.0, worker={"ready_s": 90.0}),
+        },
+    }
+    report.add_ratios(results)
+    verdict = {t["target"]: t["pass"] for t in results["targets"]}
+    assert verdict["decode ms/step, batch 1, engine (c)"] is True
+    assert verdict["saturated tok/s, (c) / (a)"] is True  # 10x >= 8x
+    assert verdict["saturated tok/s, (c) / (b)"] is True  # 2.5x
+    assert verdict["saturated tok/s, (c) / (cb)"] is None  # no goal
+    assert verdict["saturated tok/s, (d) / (c)"] is True  # 0.96
+    assert verdict["p50 at half load / lone latency, (c)"] is True  # 1.2
+    assert verdict["p50 at half load / lone latency, (d)"] is None  # not measured
+    assert verdict["worker ready, s (d)"] is True
+    assert verdict["GPU util % while saturated (c)"] is None
+    assert "FAIL" not in report.markdown(results)
 
 
 def test_full_size_architecture_tokenizer_and_tiles() -> None:
