@@ -1120,11 +1120,7 @@ class Bench:
         modes = self.args.modes
         if self.needs_inprocess() or (self.needs_saved() and self.args.model == "tiny"):
             self.load_inprocess_model()
-        in_process = (("a", self.mode_a), ("b", self.mode_b), ("c", self.mode_c),
-                      ("cb", self.mode_cb))  # fmt: skip
-        for key, fn in in_process:
-            if key in modes:
-                self.run_mode(key, fn)
+        # Saved before the engine fuses the in-process model's weights in place.
         if self.needs_saved():
             self.results.setdefault("model", {"kind": self.args.model})
             saved = mf_saved_kind(self.model_dir) == self.args.model
@@ -1140,6 +1136,11 @@ class Bench:
                     self.results["model"]["save_error"] = f"{type(exc).__name__}: {exc}"
                     for key in ("d", "nf4", "int8"):
                         self.skips.setdefault(key, f"the model could not be saved: {exc}")
+        in_process = (("a", self.mode_a), ("b", self.mode_b), ("c", self.mode_c),
+                      ("cb", self.mode_cb))  # fmt: skip
+        for key, fn in in_process:
+            if key in modes:
+                self.run_mode(key, fn)
         self.free_model()
         if "d" in modes:
             self.run_mode("d", self.mode_d)
