@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch", type=int, help="batch size of b, cb; slots of c, d (default: largest fit)"
     )
     p.add_argument("--max-batch-cap", type=int, default=64, help="largest batch size tried")
+    p.add_argument(
+        "--engine-slots", type=int, help="slots of the engine in c and d (default: b's batch)"
+    )
     p.add_argument("--max-wait-ms", type=int, default=50, help="the batcher's wait when idle")
     p.add_argument(
         "--closed-window-s",
@@ -865,7 +868,7 @@ class Bench:
 
         mode = self.start_mode(key, "c")
         stop_at = self.mode_stop_at(key)
-        b = self.ensure_batch()
+        b = self.args.engine_slots or self.ensure_batch()
         self.reset_peak()
         t0 = time.time()
         target = self.continuous(self.model, self.processor, b, "(c)")
