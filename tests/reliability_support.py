@@ -211,12 +211,14 @@ class ResultWrites:
         self._thread.join(5)
 
 
-def wait_for(predicate: Callable[[], object], timeout_s: float, message: str) -> None:
+def wait_for(
+    predicate: Callable[[], object], timeout_s: float, message: str, poll_s: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.05)
+        time.sleep(poll_s)
     raise AssertionError(f"{message} (after {timeout_s:g} s)")
 
 

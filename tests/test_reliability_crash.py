@@ -16,12 +16,12 @@ from producer.protocol import TASK_NAME
 
 pytestmark = pytest.mark.integration
 
-VISIBILITY_S = 10
+VISIBILITY_S = 15
 WORKER_ENV = {
     "VLMQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
     "VLMQ_MAX_BATCH_SIZE": "8",
     "VLMQ_MAX_WAIT_MS": "50",
-    "VLMQ_MAX_NEW_TOKENS": "32",
+    "VLMQ_MAX_NEW_TOKENS": "128",
 }
 
 
@@ -33,7 +33,7 @@ def test_sigkill_mid_batch_loses_nothing_and_writes_each_result_once(
     client = Client(settings)
     worker = start_worker(REDIS_URL=url, **WORKER_ENV)
     handles = client.submit_many(
-        {"image": image(i), "question": f"Task {i}: what is it?", "max_new_tokens": 24}
+        {"image": image(i), "question": f"Task {i}?", "max_new_tokens": 100, "temperature": 1.0}
         for i in range(40)
     )
     ids = [h.id for h in handles]

@@ -14,7 +14,7 @@ from producer.config import Settings
 
 pytestmark = pytest.mark.integration
 
-VISIBILITY_S = 10
+VISIBILITY_S = 15
 
 
 def test_compose_redis_fsyncs_every_write():
@@ -31,10 +31,11 @@ def test_redis_killed_mid_run_loses_no_accepted_task(private_redis, result_write
         VLMQ_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
         VLMQ_MAX_BATCH_SIZE="8",
         VLMQ_MAX_WAIT_MS="50",
-        VLMQ_MAX_NEW_TOKENS="32",
+        VLMQ_MAX_NEW_TOKENS="128",
     )
     before = client.submit_many(
-        {"image": image(i), "question": f"Before {i}?", "max_new_tokens": 24} for i in range(32)
+        {"image": image(i), "question": f"Before {i}?", "max_new_tokens": 100, "temperature": 1.0}
+        for i in range(32)
     )
     r = private_redis.client()
     ids = [h.id for h in before]

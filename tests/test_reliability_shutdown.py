@@ -24,7 +24,8 @@ def test_sigterm_mid_batch_finishes_the_batch_and_returns_the_rest(
     env = {"REDIS_URL": url, "VLMQ_MAX_BATCH_SIZE": "8", "VLMQ_MAX_WAIT_MS": "50"}
     worker = start_worker(**env)
     handles = client.submit_many(
-        {"image": image(i), "question": f"Task {i}?", "max_new_tokens": 40} for i in range(40)
+        {"image": image(i), "question": f"Task {i}?", "max_new_tokens": 100, "temperature": 1.0}
+        for i in range(40)
     )
     ids = [h.id for h in handles]
     r = private_redis.client()

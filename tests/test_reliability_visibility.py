@@ -31,7 +31,7 @@ def test_worker_refuses_a_visibility_timeout_below_its_longest_batch(
 
 
 # The batch engine: each batch runs every request to the longest one, so batches are long.
-LONG = {**ENV, "VLMQ_ENGINE": "batch", "VLMQ_MAX_NEW_TOKENS": "48"}
+LONG = {**ENV, "VLMQ_ENGINE": "batch", "VLMQ_MAX_NEW_TOKENS": "256"}
 
 
 def test_long_generations_at_the_smallest_accepted_timeout_run_once(
@@ -44,12 +44,13 @@ def test_long_generations_at_the_smallest_accepted_timeout_run_once(
     assert wanted, str(refused.value)[-2000:]
     # The smallest timeout the worker accepts (plus noise); two workers, so a message that
     # came back while still running would be taken and run again by the other one.
-    visibility_s = int(wanted.group(1)) + 2
+    visibility_s = int(wanted.group(1)) + 3
     env = {"REDIS_URL": url, "VLMQ_VISIBILITY_TIMEOUT_S": str(visibility_s), **LONG}
     workers = [start_worker(**env), start_worker(**env)]
     client = Client(Settings(redis_url=url, visibility_timeout_s=visibility_s))
     handles = client.submit_many(
-        {"image": image(i), "question": f"Long {i}?", "max_new_tokens": 48} for i in range(24)
+        {"image": image(i), "question": f"Long {i}?", "max_new_tokens": 256, "temperature": 1.0}
+        for i in range(24)
     )
     assert all(h.result(timeout=180).answer_tokens >= 1 for h in handles)
     r = private_redis.client()

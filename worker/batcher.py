@@ -204,8 +204,14 @@ class Batcher:
         self.drain()
 
     def _run(self) -> None:
-        while (taken := self._take()) is not None:
+        while True:
+            taken = self._take()
             try:
+                if taken is None:
+                    # Stopping: finish what is inside the executor, so a warm shutdown wastes
+                    # no generation and uses up no attempt; the buffer stays unacked.
+                    self._finish_all()
+                    return
                 if taken:
                     self._admit(taken)
                 if self._executor.has_work():
@@ -217,6 +223,8 @@ class Batcher:
                 for req, _ in self._inside.values():
                     self._handoff.call(req.reject, True)
                 self._inside.clear()
+                if taken is None:
+                    return
 
     def _take(self) -> list[tuple[float, Request]] | None:
         """Requests to admit now ([] if none but the executor has work); None: stop."""
