@@ -9,9 +9,11 @@ Two executors share one interface (:class:`Executor`), both Celery-free:
 
 import dataclasses
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -217,11 +219,18 @@ class BatchExecutor:
 
 
 class ContinuousExecutor:
-    """Feeds :class:`worker.engine.ContinuousEngine`: requests join between decode steps."""
+    """Feeds :class:`worker.engine.ContinuousEngine`: requests join between decode steps.
 
-    def __init__(self, engine: Any, reader: RequestReader) -> None:
+    The CPU work of a new request — validation, image decoding, the processor's resizing,
+    tiling and tokenisation — runs in a small thread pool while the GPU decodes.
+    """
+
+    def __init__(self, engine: Any, reader: RequestReader, *, prepare_threads: int = 2) -> None:
         self._engine = engine
         self._reader = reader
+        self._pool = ThreadPoolExecutor(prepare_threads, thread_name_prefix="vlmq-prepare")
+        self._preparing: set[Future[Outcome | None]] = set()
+        self._lock = threading.Lock()
         self._inside: dict[str, Ready] = {}
 
     def warmup(self) -> None:
@@ -232,23 +241,40 @@ class ContinuousExecutor:
     def room(self) -> int:
         # Only as many as can start now: the rest stay in the batcher's buffer, where a
         # revoke or `expires` still reaches them.
-        return max(0, self._engine.free_slots - self._engine.waiting)
+        return max(0, self._engine.free_slots - self._engine.waiting - len(self._preparing))
 
     def has_work(self) -> bool:
-        return self._engine.has_work()
+        return bool(self._preparing) or self._engine.has_work()
 
     def admit(self, messages: Sequence[Message]) -> list[Outcome]:
-        ready, failed = self._reader.read_all(messages)
-        for r in ready:
-            try:
-                self._engine.submit(r.task_id, r.generation_request())
-            except ValueError as exc:
-                failed.append(failure(r.task_id, InvalidRequest(str(exc))))
-            else:
-                self._inside[r.task_id] = r
-        return failed
+        for task_id, kwargs in messages:
+            self._preparing.add(self._pool.submit(self._prepare, task_id, kwargs))
+        return []
+
+    def _prepare(self, task_id: str, kwargs: Mapping[str, Any]) -> Outcome | None:
+        """Pool thread: read the request and queue it in the engine; an outcome if it failed."""
+        try:
+            ready = self._reader.read(task_id, kwargs)
+        except VlmqError as exc:
+            return failure(task_id, exc)
+        with self._lock:
+            self._inside[task_id] = ready
+        try:
+            self._engine.submit(task_id, ready.generation_request())
+        except ValueError as exc:
+            with self._lock:
+                del self._inside[task_id]
+            return failure(task_id, InvalidRequest(str(exc)))
+        return None
 
     def step(self) -> StepReport:
+        done = {future for future in self._preparing if future.done()}
+        if not done and not self._engine.has_work():
+            done, _ = wait(self._preparing, return_when=FIRST_COMPLETED)
+        self._preparing -= done
+        outcomes = [outcome for future in done if (outcome := future.result()) is not None]
+        if not self._engine.has_work():
+            return StepReport(outcomes=outcomes)
         stats = self._engine.stats
         prefill0, decode0 = stats.prefill_ms, stats.decode_ms
         rows = self._engine.active + self._engine.waiting
@@ -256,9 +282,9 @@ class ContinuousExecutor:
         finished = self._engine.step()
         model_ms = (time.perf_counter() - t0) * 1000.0
         now = time.time()
-        outcomes = []
         for task_id, answer in finished:
-            ready = self._inside.pop(task_id)
+            with self._lock:
+                ready = self._inside.pop(task_id)
             if isinstance(answer, Exception):
                 outcomes.append(model_failure(task_id, answer))
             else:
