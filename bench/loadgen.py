@@ -75,11 +75,20 @@ def one_request(
             batch_size=result.timings.batch_size,
             queued_ms=result.timings.queued_ms,
             gpu_ms=result.timings.gpu_ms,
+            worker=_worker_of(handle),
             error=None,
         )
     except Exception as exc:
         record.update(end=time.time(), error=f"{type(exc).__name__}: {exc}")
     out.write(**record)
+
+
+def _worker_of(handle: Any) -> str | None:
+    """The node that ran the task: the result backend's ``worker`` field (extended results)."""
+    try:
+        return handle._async.worker
+    except Exception:
+        return None
 
 
 def run_closed(

@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-MODE_ORDER = ["a", "b", "cb", "c", "d", "nf4", "int8"]
+MODE_ORDER = ["a", "b", "cb", "c", "d", "d2", "nf4", "int8"]
 MODE_LABELS = {
     "a": "(a) generate, one at a time",
     "b": "(b) generate, static batches",
     "cb": "(cb) worker batch executor, in process",
     "c": "(c) worker continuous engine, in process",
     "d": "(d) producer -> Redis -> Celery worker",
+    "d2": "(d2) producer -> Redis -> 2 Celery workers, one per GPU",
     "nf4": "(c) worker default executor, nf4 weights",
     "int8": "(c) worker default executor, int8 weights",
 }
@@ -35,6 +36,7 @@ GOALS = {
     "d_vs_c": 0.95,
     "half_load_vs_lone": 1.5,
     "ready_s": 120.0,
+    "d2_vs_d": 1.9,
 }
 
 
@@ -262,6 +264,18 @@ def targets(results: dict) -> list[dict]:
             f"{_f(worker.get('warmup_s'))} s")  # fmt: skip
     row("worker ready, s (d)", ready, "{:.1f}", f"< {goal:.0f}",
         ready is not None and ready < goal, note)  # fmt: skip
+    if "d2" in modes:
+        d2 = modes["d2"]
+        d2h, goal = saturated(headline(d2) or {}), GOALS["d2_vs_d"]
+        ratio = (
+            d2h["output_tokens_per_s"] / dh["output_tokens_per_s"]
+            if d2h.get("output_tokens_per_s") and dh.get("output_tokens_per_s") else None
+        )  # fmt: skip
+        note = "two workers, one per GPU, vs one, same run"
+        if d2.get("status") == "skipped":
+            note = f"(d2) skipped: {d2.get('reason')}"
+        row("saturated tok/s, (d2) / (d)", ratio, "{:.2f}x", f">= {goal}x",
+            ratio is not None and ratio >= goal, note)  # fmt: skip
     return rows
 
 
@@ -413,12 +427,21 @@ def facts(results: dict) -> list[str]:
             f"slots of {w.get('max_seq_len', '?')} tokens, graph capture "
             f"{_f(w.get('graph_capture_s'))} s; warm-up {_f(w.get('warmup_s'))} s)"
         )
+    d2 = results.get("modes", {}).get("d2", {})
+    if d2.get("worker"):
+        w = d2["worker"]
+        lines.append(
+            f"- (d2) {len(d2.get('gpus') or [])} workers (GPUs {','.join(d2.get('gpus') or [])}) "
+            f"all ready after {_f(w.get('ready_s'))} s; requests served per worker: "
+            f"{d2.get('tasks_per_worker') or '-'}; saturated GPU util per GPU: "
+            f"{', '.join(_f(u, '{:.0f}') for u in d2.get('gpu_util_per_gpu') or []) or '-'} %"
+        )
     for key in MODE_ORDER:
         mode = results.get("modes", {}).get(key, {})
         if mode.get("load_s") is not None and key in ("nf4", "int8"):
             lines.append(f"- {key}: loaded by `load_model` in {_f(mode['load_s'])} s")
         engine = mode.get("engine") or {}
-        if engine.get("engine") == "continuous" and "slots" in engine and key != "d":
+        if engine.get("engine") == "continuous" and "slots" in engine and key not in ("d", "d2"):
             asked = engine.get("slots_asked")
             graphs = "off"
             if engine.get("cuda_graphs"):

@@ -32,12 +32,16 @@ from bench.progress import elapsed, log, set_log_file
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results"
 ALL_MODES = ["a", "b", "cb", "c", "d", "nf4", "int8"]
+#: Modes run only when named in ``--modes``: (d2) needs two GPUs.
+EXTRA_MODES = ["d2"]
+#: The modes that load the saved model.
+SAVED_MODES = ("d", "d2", "nf4", "int8")
 #: Seconds each mode may take at most, model loads included (the run's deadline still rules).
-BUDGETS = {"a": 25, "b": 55, "c": 95, "cb": 45, "d": 125, "nf4": 70, "int8": 70}
-SMOKE_BUDGETS = {"a": 20, "b": 20, "c": 30, "cb": 20, "d": 60, "nf4": 1, "int8": 1}
+BUDGETS = {"a": 25, "b": 55, "c": 95, "cb": 45, "d": 125, "d2": 100, "nf4": 70, "int8": 70}
+SMOKE_BUDGETS = {"a": 20, "b": 20, "c": 30, "cb": 20, "d": 60, "d2": 60, "nf4": 1, "int8": 1}
 #: Least seconds left on the deadline for a mode to start at all.
-MIN_START = {"a": 10, "b": 20, "c": 40, "cb": 20, "d": 70, "nf4": 50, "int8": 50}
-SMOKE_MIN_START = {"a": 2, "b": 2, "c": 3, "cb": 2, "d": 10, "nf4": 1, "int8": 1}
+MIN_START = {"a": 10, "b": 20, "c": 40, "cb": 20, "d": 70, "d2": 60, "nf4": 50, "int8": 50}
+SMOKE_MIN_START = {"a": 2, "b": 2, "c": 3, "cb": 2, "d": 10, "d2": 10, "nf4": 1, "int8": 1}
 #: Largest closed loop planned for the engine (its images are made before it starts).
 MAX_CLOSED_REQUESTS = 1500
 
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="vlmq GPU benchmark: modes a (generate, batch 1), b (static batches), "
         "c (the worker's continuous engine in process), cb (the worker's batch executor in "
         "process), d (producer -> Redis -> Celery worker), nf4, int8 (the worker's default "
-        "executor on quantized weights).",
+        "executor on quantized weights); d2 (as d, one worker per GPU on two GPUs) only when "
+        "named.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few requests (CI)")
@@ -130,9 +135,11 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
         budgets[key.strip()] = float(value)
     args.budgets = budgets
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(args.modes) - set(ALL_MODES)
+    unknown = set(args.modes) - set(ALL_MODES + EXTRA_MODES)
     if unknown:
-        raise SystemExit(f"bench: unknown mode(s) {sorted(unknown)}; choose from {ALL_MODES}")
+        raise SystemExit(
+            f"bench: unknown mode(s) {sorted(unknown)}; choose from {ALL_MODES + EXTRA_MODES}"
+        )
     return args
 
 
@@ -222,6 +229,10 @@ class Bench:
                 "capability": f"{props.major}.{props.minor}",
                 "uuid": str(getattr(props, "uuid", "")) or None,
                 "count": torch.cuda.device_count(),
+                "uuids": [
+                    str(getattr(torch.cuda.get_device_properties(i), "uuid", "")) or None
+                    for i in range(torch.cuda.device_count())
+                ],
             }
         else:
             device = {"name": f"CPU ({platform.processor() or platform.machine()})",
@@ -341,7 +352,7 @@ class Bench:
         return any(m in self.active() for m in ("a", "b", "c", "cb"))
 
     def needs_saved(self) -> bool:
-        return any(m in self.active() for m in ("d", "nf4", "int8"))
+        return any(m in self.active() for m in SAVED_MODES)
 
     def preflight(self) -> None:
         """Before any model is built: which modes this host cannot run, and where the model
@@ -353,16 +364,21 @@ class Bench:
 
         a = self.args
         on_cuda = a.device.startswith("cuda")
-        if "d" in a.modes:
+        for key in ("d", "d2"):
+            if key not in a.modes:
+                continue
             if importlib.util.find_spec("celery") is None:
-                self.skips["d"] = "celery is not installed"
+                self.skips[key] = "celery is not installed"
             else:
                 import redis
 
                 try:
                     redis.Redis.from_url(a.redis_url, socket_connect_timeout=2).ping()
                 except (redis.RedisError, ValueError) as exc:
-                    self.skips["d"] = f"no Redis answers at {a.redis_url} ({exc})"
+                    self.skips[key] = f"no Redis answers at {a.redis_url} ({exc})"
+        count = self.results["device"].get("count", 0)
+        if "d2" in a.modes and on_cuda and count < 2:
+            self.skips.setdefault("d2", f"fewer than 2 GPUs are visible ({count})")
         for key in ("nf4", "int8"):
             if key not in a.modes:
                 continue
@@ -388,7 +404,7 @@ class Bench:
                 parent = self.model_dir if self.model_dir.exists() else self.model_dir.parent
                 free = shutil.disk_usage(parent).free
                 if free < need:
-                    for key in ("d", "nf4", "int8"):
+                    for key in SAVED_MODES:
                         self.skips.setdefault(
                             key,
                             f"{free / 1e9:.0f} GB free at {parent}; the model needs "
@@ -477,14 +493,15 @@ class Bench:
             log(f"model freed; {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated")
 
     # -- helpers for modes ------------------------------------------------------------
-    def peak_memory(self, t0: float, t1: float, inprocess: bool) -> dict:
+    def peak_memory(self, t0: float, t1: float, inprocess: bool, window=None) -> dict:
         import torch
 
         out: dict[str, Any] = {}
         if inprocess and torch.cuda.is_available():
             out["torch_peak_allocated"] = torch.cuda.max_memory_allocated()
             out["torch_peak_reserved"] = torch.cuda.max_memory_reserved()
-        nvml = self.sampler.window(t0, t1) if self.sampler else {}
+        window = window or (self.sampler.window if self.sampler else None)
+        nvml = window(t0, t1) if window else {}
         out["nvml_peak_used"] = nvml.get("mem_peak")
         out["peak_bytes"] = out.get("nvml_peak_used") or out.get("torch_peak_reserved")
         return out
@@ -497,13 +514,14 @@ class Bench:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-    def summarize(self, key: str, runs: list, t0: float, inprocess: bool) -> None:
+    def summarize(self, key: str, runs: list, t0: float, inprocess: bool, window=None) -> None:
         from bench import report
 
         mode = self.results["modes"][key]
         mode["runs"] = [r.to_dict() if hasattr(r, "to_dict") else r for r in runs]
-        mode["summaries"] = [report.summarize_run(r, self.sampler.window) for r in mode["runs"]]
-        mode["peak_mem"] = self.peak_memory(t0, time.time(), inprocess)
+        window = window or (self.sampler.window if self.sampler else None)
+        mode["summaries"] = [report.summarize_run(r, window) for r in mode["runs"]]
+        mode["peak_mem"] = self.peak_memory(t0, time.time(), inprocess, window)
         self.floors(key)
         bad = [s for s in mode["summaries"] if s["n_failed"] or s["n_short"] or s["stopped_early"]]
         mode["status"] = "partial" if bad else "ok"
@@ -789,9 +807,9 @@ class Bench:
         longest_ms = first_ms + 3 * self.limits.max_new_tokens * step_ms
         return (queued * first_ms / 2 + longest_ms) / 1000.0
 
-    def plan_closed(self, key: str, slots: int, window_s: float) -> int:
+    def plan_closed(self, key: str, slots: int, window_s: float, engines: int = 1) -> int:
         """Requests to prepare for a closed loop whose arrivals last ``window_s``: more than
-        the engine is expected to take in that time (the loop stops at the window)."""
+        ``engines`` engines are expected to take in that time (the loop stops at the window)."""
         from bench.report import headline
 
         b_head = headline(self.results["modes"].get("b") or {}) or {}
@@ -803,7 +821,8 @@ class Bench:
             probe = (self.results["modes"].get(key) or {}).get("probe") or {}
             step_s = max(probe.get("step_ms") or 50.0, 1.0) / 1000.0
             rate = slots / (step_s * self.results["workload"]["mean_answer_tokens"])
-        return int(min(MAX_CLOSED_REQUESTS, max(4 * slots, window_s * rate + 2 * slots)))
+        n = max(4 * slots, window_s * rate + 2 * slots) * engines
+        return int(min(MAX_CLOSED_REQUESTS * engines, n))
 
     def closed_and_rates(self, key: str, target, rates: list[float], stop_at: float) -> list:
         """A saturating closed loop (2 x batch in flight), then Poisson arrivals at ``rates``
@@ -925,15 +944,63 @@ class Bench:
         self.summarize(key, runs, t0, True)
 
     def mode_d(self, key: str) -> None:
+        """(d): one worker process (the plain ``celery worker`` command)."""
+        self.system_mode(key, ())
+
+    def mode_d2(self, key: str) -> None:
+        """(d2): ``vlmq worker --gpus`` with two GPUs, one worker each, twice (d)'s requests in
+        flight; no probe nor arrival rates (the closed loop is what it is compared on)."""
+        visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+        # The workers pin by VLMQ_GPU, which replaces CUDA_VISIBLE_DEVICES: name the same cards.
+        gpus = tuple(visible[:2]) if all(g.isdigit() for g in visible[:2]) else ("0", "1")
+        self.system_mode(key, gpus)
+
+    def gpu_window(self, gpus: tuple[str, ...]):
+        """The sampling window function for ``gpus``: the run's sampler alone, or with a
+        sampler per other GPU (the mean utilisation over the GPUs, the largest memory peak);
+        and those extra samplers, to stop."""
+        from bench.gpu_sampler import GpuSampler
+
+        if self.sampler is None or self.sampler.source != "nvml" or len(gpus) < 2:
+            return None, []
+        uuids = self.results["device"].get("uuids") or []
+        extra = [
+            GpuSampler(index=int(g), uuid=uuids[i] if i < len(uuids) else None).start()
+            for i, g in enumerate(gpus[1:], start=1)
+        ]
+        samplers = [self.sampler, *extra]
+
+        def window(t0: float, t1: float) -> dict:
+            parts = [s.window(t0, t1) for s in samplers]
+            utils = [p["util_mean"] for p in parts if p["util_mean"] is not None]
+            if not utils:
+                return parts[0]
+            return {
+                "util_mean": sum(utils) / len(utils),
+                "util_max": max(p["util_max"] or 0.0 for p in parts),
+                "mem_peak": max(p["mem_peak"] or 0.0 for p in parts),
+                "n": sum(p["n"] for p in parts),
+                "per_gpu": [p["util_mean"] for p in parts],
+            }
+
+        return window, extra
+
+    def system_mode(self, key: str, gpus: tuple[str, ...]) -> None:
+        """The whole system: producer -> Redis -> Celery worker(s), load generator in its own
+        process; with ``gpus``, ``vlmq worker --gpus`` starts one worker per GPU."""
+        from collections import Counter
+
+        from bench.report import headline
         from bench.system import SystemConfig, WorkerProcess, flush_redis, run_loadgen
         from bench.workload import poisson_arrivals
 
-        mode = self.start_mode(key, "d")
+        mode = self.start_mode(key, key)
         stop_at = self.mode_stop_at(key)
         a = self.args
         if self.model_dir is None:
             raise SkipMode("no saved model to load")
         slots = self.engine_slots or self.ensure_batch()
+        workers = max(1, len(gpus))
         on_cuda = a.device.startswith("cuda")
         flush_redis(a.redis_url)
         config = SystemConfig(
@@ -946,21 +1013,27 @@ class Bench:
             out_dir=a.out,
             engine="continuous",
             max_new_tokens=self.limits.max_new_tokens,
+            tag=key,
+            gpus=gpus,
         )
-        mode.update(batch=slots, max_wait_ms=a.max_wait_ms)
+        mode.update(batch=slots, max_wait_ms=a.max_wait_ms, workers=workers, gpus=list(gpus))
         self.reset_peak()
         t0 = time.time()
         worker = WorkerProcess(config)
+        gpu_window, extra_samplers = self.gpu_window(gpus)
         try:
             worker.start()
             ready_s = worker.wait_ready(max(10.0, stop_at - time.time()))
             mode["worker"] = {"ready_s": ready_s, **worker.timings()}
+            if gpus:
+                mode["worker"]["nodes"] = sorted(set(worker.ready_nodes()))
             mode["engine"] = {"engine": config.engine}
-            log(f"d: worker ready in {ready_s:.1f} s ({worker.timings()})")
+            log(f"{key}: {workers} worker(s) ready in {ready_s:.1f} s ({worker.timings()})")
             self.save()
-            source = "c" if (self.results["modes"].get("c") or {}).get("probe") else key
+            source = "c" if (self.results["modes"].get("c") or {}).get("probe") else "d"
             drain = self.drain_estimate(source)
-            rates_time = len(_rates(a.rates_d)) * (a.rate_window_s + drain)
+            rate_fractions = [] if gpus else _rates(a.rates_d)
+            rates_time = len(rate_fractions) * (a.rate_window_s + drain)
             # 10 s: the probe's six lone requests and the worker's warm shutdown.
             spare = (
                 stop_at
@@ -972,12 +1045,15 @@ class Bench:
             window = max(1.0, min(a.closed_window_s, spare))
             timeout = max(30.0, stop_at - time.time() + 60)
             runs = [
-                {"name": "probe", "schedule": "probe", "k": a.probe_tokens,
-                 "index": self.probe_spec.index, "repeats": 2, "lone_tokens": self.median_answer},
-                {"name": "closed", "schedule": "closed", "n": self.plan_closed(key, slots, window),
-                 "concurrency": 2 * slots, "window_s": window,
+                {"name": "closed", "schedule": "closed",
+                 "n": self.plan_closed(key, slots, window, engines=workers),
+                 "concurrency": 2 * slots * workers, "window_s": window,
                  "max_s": max(1.0, stop_at - time.time())},
             ]  # fmt: skip
+            if not gpus:
+                runs.insert(0, {"name": "probe", "schedule": "probe", "k": a.probe_tokens,
+                                "index": self.probe_spec.index, "repeats": 2,
+                                "lone_tokens": self.median_answer})  # fmt: skip
             logs, probe = run_loadgen(
                 config,
                 self.workload.to_dict(),
@@ -999,7 +1075,7 @@ class Bench:
 
                 capacity = saturated(summarize_run(logs[0].to_dict())).get("images_per_s")
             rate_runs = []
-            for fraction in _rates(a.rates_d):
+            for fraction in rate_fractions:
                 if not capacity or time.time() + a.rate_window_s > stop_at:
                     break
                 rate = fraction * capacity
@@ -1029,7 +1105,14 @@ class Bench:
         finally:
             code = worker.stop(30.0)
             mode.setdefault("worker", {})["exit_code"] = code
-        self.summarize(key, logs, t0, False)
+            for sampler in extra_samplers:
+                sampler.stop()
+        served = Counter(r.get("worker") for run in logs for r in run.records if r.get("worker"))
+        mode["tasks_per_worker"] = dict(served)
+        self.summarize(key, logs, t0, False, gpu_window)
+        steady = ((headline(mode) or {}).get("steady") or {}) if gpu_window else {}
+        if steady.get("window"):
+            mode["gpu_util_per_gpu"] = gpu_window(*steady["window"]).get("per_gpu")
 
     def mode_quant(self, key: str) -> None:
         import torch
@@ -1127,9 +1210,9 @@ class Bench:
         if self.needs_saved():
             self.results.setdefault("model", {"kind": self.args.model})
             saved = mf_saved_kind(self.model_dir) == self.args.model
-            least = min(MIN_START[k] for k in ("d", "nf4", "int8") if k in self.active())
+            least = min(MIN_START[k] for k in SAVED_MODES if k in self.active())
             if not saved and not self.args.smoke and self.left() < least + 45:
-                for key in ("d", "nf4", "int8"):
+                for key in SAVED_MODES:
                     self.skips.setdefault(key, "deadline: no time left to save the model")
             else:
                 try:
@@ -1137,7 +1220,7 @@ class Bench:
                 except Exception as exc:
                     log(f"saving the model failed: {type(exc).__name__}: {exc}")
                     self.results["model"]["save_error"] = f"{type(exc).__name__}: {exc}"
-                    for key in ("d", "nf4", "int8"):
+                    for key in SAVED_MODES:
                         self.skips.setdefault(key, f"the model could not be saved: {exc}")
         in_process = (("a", self.mode_a), ("b", self.mode_b), ("c", self.mode_c),
                       ("cb", self.mode_cb))  # fmt: skip
@@ -1147,6 +1230,8 @@ class Bench:
         self.free_model()
         if "d" in modes:
             self.run_mode("d", self.mode_d)
+        if "d2" in modes:
+            self.run_mode("d2", self.mode_d2)
         for key in ("nf4", "int8"):
             if key in modes:
                 self.run_mode(key, self.mode_quant)

@@ -1,9 +1,11 @@
-"""Mode (d), the whole system: the load generator process -> Redis -> ``celery -A worker.app
-worker`` process (its default engine: continuous), both started here and always stopped here."""
+"""Modes (d) and (d2), the whole system: the load generator process -> Redis -> ``celery -A
+worker.app worker`` process (its default engine: continuous), or for (d2) ``vlmq worker --gpus``
+(a supervisor with one pinned worker per GPU), all started here and always stopped here."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -35,10 +37,12 @@ class SystemConfig:
     tag: str = "d"
     engine: str = "continuous"  # VLMQ_ENGINE
     max_new_tokens: int | None = None  # VLMQ_MAX_NEW_TOKENS: sizes the engine's slots
+    gpus: tuple[str, ...] = ()  # set: ``vlmq worker --gpus`` (one worker per GPU), else one
 
 
 class WorkerProcess:
-    """A ``celery -A worker.app worker`` subprocess logging to a file."""
+    """A ``celery -A worker.app worker`` subprocess, or with ``config.gpus`` the ``vlmq worker
+    --gpus`` supervisor and its workers (one process group), logging to a file."""
 
     def __init__(self, config: SystemConfig) -> None:
         self.config = config
@@ -66,18 +70,32 @@ class WorkerProcess:
         env.pop("VLMQ_GPU", None)
         if c.max_new_tokens is not None:
             env["VLMQ_MAX_NEW_TOKENS"] = str(c.max_new_tokens)
-        argv = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
-            "--loglevel=INFO", "-n", f"vlmq-bench-{os.getpid()}@%h",
-            "--without-mingle", "--without-gossip",
-        ]  # fmt: skip
+        if c.gpus:
+            # `vlmq worker --gpus ...` (producer.cli has no __main__; this is its entry point).
+            argv = [
+                sys.executable, "-c", "import sys; from producer.cli import main; "
+                "sys.exit(main())", "worker", "--gpus", ",".join(c.gpus), "--loglevel", "INFO",
+                "--", "--without-mingle", "--without-gossip",
+            ]  # fmt: skip
+        else:
+            argv = [
+                sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
+                "--loglevel=INFO", "-n", f"vlmq-bench-{os.getpid()}@%h",
+                "--without-mingle", "--without-gossip",
+            ]  # fmt: skip
         self._log_file = self.log_path.open("wb")
         self.started = time.monotonic()
+        # Its own process group: the last resort of stop() kills every worker of it.
         self.proc = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT
+            argv,
+            env=env,
+            cwd=ROOT,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         atexit.register(self.stop, 5.0)
-        log(f"(d) worker started (pid {self.proc.pid}), log {self.log_path}")
+        log(f"({c.tag}) worker started (pid {self.proc.pid}), log {self.log_path}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -88,15 +106,27 @@ class WorkerProcess:
         except OSError:
             return ""
 
+    def ready_nodes(self) -> list[str]:
+        """The node names that logged ``ready.`` so far."""
+        return re.findall(r"(\S+@\S+) ready\.", self.log_text())
+
+    def expected_workers(self) -> int:
+        return max(1, len(self.config.gpus))
+
     def wait_ready(self, timeout_s: float) -> float:
-        """Seconds from start until the worker says ``ready.`` (model loaded and warmed up)."""
+        """Seconds from start until every worker says ``ready.`` (model loaded and warmed up)."""
         assert self.proc is not None
-        progress = Progress("(d) worker loading", 1, every_s=15.0)
+        tag, want = self.config.tag, self.expected_workers()
+        progress = Progress(f"({tag}) workers loading", want, every_s=15.0)
         deadline = time.monotonic() + timeout_s
         last_note = time.monotonic()
+        seen = 0
         while time.monotonic() < deadline:
-            if "ready." in self.log_text():
-                progress.advance(1)
+            ready = len(set(self.ready_nodes()))
+            if ready > seen:
+                progress.advance(ready - seen)
+                seen = ready
+            if ready >= want:
                 progress.close()
                 return time.monotonic() - self.started
             if self.proc.poll() is not None:
@@ -106,9 +136,12 @@ class WorkerProcess:
                 )
             if time.monotonic() - last_note > 15:
                 last_note = time.monotonic()
-                log(f"(d) worker still loading ({time.monotonic() - self.started:.0f} s)")
+                log(f"({tag}) {ready}/{want} workers ready "
+                    f"({time.monotonic() - self.started:.0f} s)")  # fmt: skip
             time.sleep(0.2)
-        raise TimeoutError(f"the worker was not ready after {timeout_s:.0f} s:\n{self.tail()}")
+        raise TimeoutError(
+            f"{seen}/{want} workers were ready after {timeout_s:.0f} s:\n{self.tail()}"
+        )
 
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
@@ -134,7 +167,9 @@ class WorkerProcess:
         }
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
-        """Warm shutdown (SIGTERM), then SIGKILL after ``timeout_s``; idempotent."""
+        """Warm shutdown (SIGTERM; the supervisor forwards it to its workers), then SIGKILL
+        to the whole process group after ``timeout_s`` or if a worker outlives the
+        supervisor; idempotent."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -142,12 +177,31 @@ class WorkerProcess:
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                _kill_group(self.proc.pid)
                 self.proc.wait()
+        give_up = time.monotonic() + 5.0
+        while _group_alive(self.proc.pid) and time.monotonic() < give_up:
+            time.sleep(0.1)
+        if _group_alive(self.proc.pid):
+            log(f"({self.config.tag}) a worker outlived the supervisor: killing its group")
+            _kill_group(self.proc.pid)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
         return self.proc.returncode
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def flush_redis(url: str) -> None:
@@ -188,7 +242,7 @@ def run_loadgen(
         )
     )
     total = sum(r.get("n", 0) if r["schedule"] != "probe" else 6 for r in runs)
-    progress = Progress(f"(d) {config.tag} requests", total)
+    progress = Progress(f"({config.tag}) requests", total)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -206,7 +260,7 @@ def run_loadgen(
             while proc.poll() is None:
                 if time.time() > stop_at or not alive():
                     why = "deadline reached" if alive() else "the worker died"
-                    log(f"(d) {why}: stopping the load generator")
+                    log(f"({config.tag}) {why}: stopping the load generator")
                     proc.terminate()
                     proc.wait(10)
                     break
@@ -221,7 +275,10 @@ def run_loadgen(
                 proc.wait()
     progress.close()
     if proc.returncode not in (0, None, -signal.SIGTERM):
-        log(f"(d) load generator exited with {proc.returncode}; see loadgen-{config.tag}.log")
+        log(
+            f"({config.tag}) load generator exited with {proc.returncode}; "
+            f"see loadgen-{config.tag}.log"
+        )
     return parse_records(rec_path)
 
 

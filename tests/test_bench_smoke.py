@@ -1,5 +1,6 @@
 """The benchmark harness (``python -m bench``) must not rot: its CPU smoke mode runs every
-mode on the tiny model, the whole system through a real Redis and Celery worker included."""
+mode on the tiny model, the whole system through a real Redis and Celery worker included, and
+(d2) with two CPU workers started by ``vlmq worker --gpus 0,1``."""
 
 import io
 import json
@@ -30,6 +31,8 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
             "-m",
             "bench",
             "--smoke",
+            "--modes",
+            "a,b,cb,c,d,nf4,int8,d2",
             "--out",
             str(tmp_path),
             "--name",
@@ -45,10 +48,11 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads((tmp_path / "smoke.json").read_text())
-    for key in ("a", "b", "cb", "c", "d"):
+    for key in ("a", "b", "cb", "c", "d", "d2"):
         mode = results["modes"][key]
         assert mode["status"] == "ok", (key, mode.get("error"), mode.get("reason"))
-        assert mode["probe"]["step_ms"] is not None, key
+        if key != "d2":  # (d2) runs its closed loop only
+            assert mode["probe"]["step_ms"] is not None, key
         assert mode["summaries"], key
         for summary in mode["summaries"]:
             assert summary["n_planned"] > 0, (key, summary["name"])
@@ -79,7 +83,18 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
     assert d["worker"]["slots"] == c["engine"]["slots"]
     assert d["worker"]["max_seq_len"] == c["engine"]["max_seq_len"]
     assert d["probe"]["lone_s"] > 0
+    # (d2): two workers of `vlmq worker --gpus 0,1`, both ready, both served requests (the
+    # result backend's `worker` field), twice (d)'s requests in flight.
+    d2 = results["modes"]["d2"]
+    nodes = {"vlmq-gpu0", "vlmq-gpu1"}
+    assert {n.split("@")[0] for n in d2["worker"]["nodes"]} == nodes
+    served = d2["tasks_per_worker"]
+    assert {n.split("@")[0] for n in served} == nodes and min(served.values()) > 0, served
+    assert d2["worker"]["ready_s"] > 0 and d2["worker"]["exit_code"] == 0
+    assert d2["runs"][0]["concurrency"] == 2 * d["runs"][0]["concurrency"]
+    assert all(r["worker"] for r in d2["runs"][0]["records"])
     names = [t["target"] for t in results["targets"]]
+    assert "saturated tok/s, (d2) / (d)" in names
     assert any("(c) / (a)" in n for n in names) and any("(d) / (c)" in n for n in names)
     text = (tmp_path / "smoke.md").read_text()
     assert "(d) producer -> Redis -> Celery worker" in text
