@@ -104,6 +104,10 @@ class _Prepared:
     queue: str
 
 
+#: Redis connections one client opens at most for claim checks and queue depths.
+REDIS_CONNECTIONS = 32
+
+
 class Client:
     """Submits image-analysis tasks to the vlmq queue.
 
@@ -148,7 +152,12 @@ class Client:
 
     @cached_property
     def _redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url)
+        # A blocking pool: many threads submitting at once wait for a connection instead of
+        # failing with "Too many connections".
+        pool = redis.BlockingConnectionPool.from_url(
+            self.settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=30
+        )
+        return redis.Redis(connection_pool=pool)
 
     def submit(
         self,

@@ -5,6 +5,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,12 @@ def test_module_level_submit_uses_env(r: redis.Redis, monkeypatch: pytest.Monkey
     assert isinstance(handle, TaskHandle)
     assert [m["headers"]["id"] for m in queued(r, "elsewhere")] == [handle.id, handle2.id]
     producer._default_client.close()
+
+
+def test_many_threads_submitting_at_once_all_get_through(client: Client) -> None:
+    # More threads than the client's Redis connections: they wait for one, none fails.
+    image = png((0, 0, 255))
+    with ThreadPoolExecutor(200) as pool:
+        handles = list(pool.map(lambda i: client.submit(image, f"q{i}?"), range(200)))
+    assert len({h.id for h in handles}) == 200
+    assert client.queue_depth() == 200
