@@ -116,11 +116,19 @@ def load_executor(
         from worker.engine import ContinuousEngine
 
         t0 = time.perf_counter()
+        graphs = settings.precision != "int8"
+        if not graphs:
+            logger.warning(
+                "int8 weights: the engine decodes without CUDA graphs (bitsandbytes' int8 "
+                "matmul cannot be captured: cudaErrorStreamCaptureInvalidated); bf16 or nf4 "
+                "are much faster"
+            )
         engine = ContinuousEngine(
             model,
             processor,
             max_slots=settings.max_batch_size,
             max_seq_len=settings.limits.max_new_tokens + PROMPT_TOKENS,
+            cuda_graphs=graphs,
         )
         logger.info(
             "Engine ready in %.1f s: %d slots of %d tokens",
