@@ -112,6 +112,9 @@ def start_worker(
             "VLMQ_PRECISION": "fp32",
             "VLMQ_MAX_BATCH_SIZE": "8",
             "VLMQ_MAX_WAIT_MS": "100",
+            # One intra-op thread: on a small shared CPU, torch's spinning threads make the
+            # tiny model's step time swing 30x, and the start-up visibility check times it.
+            "OMP_NUM_THREADS": "1",
             "PYTHONPATH": str(ROOT),
             **overrides,
         }

@@ -197,6 +197,14 @@ class ResultWrites:
         with self._lock:
             return Counter(self._counts)
 
+    def settled(self, ids: list[str], timeout_s: float = 10.0) -> Counter[str]:
+        """The counts once every id in ``ids`` has been seen written (this subscriber may lag
+        a moment behind the client that already has the result), and a little later for any
+        second write."""
+        wait_for(lambda: all(self.counts()[i] for i in ids), timeout_s, "writes not all seen")
+        time.sleep(0.3)
+        return self.counts()
+
     def states(self, task_id: str) -> list[str]:
         with self._lock:
             return list(self._states[task_id])

@@ -44,6 +44,7 @@ WORKER_ENV = {
     "VLMQ_MAX_WAIT_MS": "50",
     "VLMQ_MAX_NEW_TOKENS": "16",
     "VLMQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+    "OMP_NUM_THREADS": "1",  # two workers on two cores; spinning threads would swing timings
 }
 
 

@@ -59,6 +59,6 @@ def test_batch_out_of_memory_is_split_and_every_task_answered(
     assert "allocate" in log  # the allocator's own out-of-memory message
     assert all(res.answer_tokens >= 1 for res in results)
     assert max(res.timings.batch_size for res in results) < 8
-    counts = result_writes.counts()
+    counts = result_writes.settled([h.id for h in handles])
     assert all(counts[h.id] == 1 for h in handles)
     assert worker.alive()

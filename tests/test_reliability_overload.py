@@ -77,7 +77,7 @@ def test_expired_tasks_fail_as_expired_without_reaching_the_model(
             handle.result(timeout=30)
         assert handle.state == "REVOKED"
         assert not r.exists(f"vlmq:attempts:{handle.id}"), "an expired task reached the model"
-        assert result_writes.counts()[handle.id] == 1
+        assert result_writes.settled([handle.id])[handle.id] == 1
     assert worker.alive()
 
 
