@@ -10,9 +10,11 @@ import time
 import pytest
 from reliability_support import image, unacked_count, wait_for
 
+from producer.claimcheck import ImageStore
 from producer.client import Client
 from producer.config import Settings, make_celery_app
-from producer.protocol import TASK_NAME
+from producer.images import read_image_source
+from producer.protocol import TASK_NAME, AnalysisRequest, Limits
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +95,31 @@ def test_redelivered_task_with_a_result_is_acked_without_running(
     assert result_writes.settled([handle.id])[handle.id] == 1
     assert int(r.get(f"vlmq:attempts:{handle.id}")) == 1  # never reached the model again
     assert handle.result(timeout=1) == first
+
+
+@pytest.mark.parametrize("engine", ["continuous", "batch"])
+def test_task_delivered_again_while_it_runs_is_computed_and_written_once(
+    private_redis, result_writes, start_worker, engine
+):
+    """A message that comes back while its task still runs in the same worker (kombu restores
+    unacked messages on a reconnect) waits for the first delivery's outcome."""
+    url = private_redis.url()
+    settings = Settings(redis_url=url)
+    worker = start_worker(
+        REDIS_URL=url, VLMQ_ENGINE=engine, VLMQ_MAX_WAIT_MS="300", VLMQ_MAX_NEW_TOKENS="256"
+    )
+    data = read_image_source(image(1), limits=Limits())
+    request = AnalysisRequest(
+        image_key=ImageStore.key_for(data), question="Twice?", max_new_tokens=200, temperature=1.0
+    )
+    handle = Client(settings).submit(data, "Twice?", max_new_tokens=200, temperature=1.0)
+    make_celery_app(settings).send_task(
+        TASK_NAME, kwargs=request.to_message(), task_id=handle.id, queue=settings.queue
+    )
+    assert handle.result(timeout=60).answer_tokens >= 1
+    r = private_redis.client()
+    wait_for(lambda: unacked_count(r) == 0 and r.llen(settings.queue) == 0, 30, "not all acked")
+    assert result_writes.settled([handle.id])[handle.id] == 1
+    assert result_writes.states(handle.id) == ["SUCCESS"]
+    assert int(r.get(f"vlmq:attempts:{handle.id}")) == 1
+    assert "already running here" in worker.log()

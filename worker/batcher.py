@@ -134,6 +134,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         # Model thread only: requests inside the executor, by id, with when they entered.
         self._inside: dict[str, tuple[Request, float]] = {}
+        # Model thread only: further deliveries of a task inside, acked with its outcome.
+        self._followers: dict[str, list[Request]] = {}
         self._window = _Window()
         self._last_rows = 0
 
@@ -222,7 +224,11 @@ class Batcher:
                 logger.exception("The model step failed; requeueing %d tasks", len(self._inside))
                 for req, _ in self._inside.values():
                     self._handoff.call(req.reject, True)
+                for followers in self._followers.values():
+                    for req in followers:
+                        self._handoff.call(req.reject, True)
                 self._inside.clear()
+                self._followers.clear()
                 if taken is None:
                     return
 
@@ -261,6 +267,16 @@ class Batcher:
         if done_before:
             self._handoff.call(self.drain)
         to_run = [req for req in live if req.id not in done_before]
+        # Another delivery of a task that is inside the executor (its message came back while
+        # it ran, e.g. restored on a reconnect): it is acked with the first one's outcome.
+        unique: dict[str, Request] = {}
+        for req in to_run:
+            if req.id in self._inside or req.id in unique:
+                logger.info("Task %s is already running here; its redelivery waits for it", req.id)
+                self._followers.setdefault(req.id, []).append(req)
+            else:
+                unique[req.id] = req
+        to_run = list(unique.values())
         # A request whose earlier delivery reached the model and left no result may have
         # killed the worker: it runs alone, so it cannot use up its batch-mates' attempts.
         suspect = self._reached_model_before(to_run)
@@ -308,14 +324,17 @@ class Batcher:
         now = self._clock()
         for outcome in outcomes:
             req, entered = self._inside.pop(outcome.task_id)
+            followers = self._followers.pop(outcome.task_id, [])
             self._window.add_outcome(outcome)
             try:
                 self._store(req, outcome)
             except Exception:
                 logger.exception("Could not store the result of %s; requeueing it", req.id)
-                self._handoff.call(req.reject, True)
+                for delivery in (req, *followers):
+                    self._handoff.call(delivery.reject, True)
                 continue
             self._completed.append(Completion(req, outcome, now - entered, rows))
+            self._completed.extend(Completion(f, None, 0.0, 0) for f in followers)
         self._handoff.call(self.drain)
 
     def _reached_model_before(self, requests: list[Request]) -> set[str]:
