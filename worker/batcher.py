@@ -323,6 +323,11 @@ class Batcher:
             return
         now = self._clock()
         for outcome in outcomes:
+            if outcome.task_id not in self._inside:
+                # Requeued when an earlier step failed outside the model (e.g. Redis went
+                # away): its message is back with the broker, so this late outcome is dropped.
+                logger.warning("Dropping the late outcome of requeued task %s", outcome.task_id)
+                continue
             req, entered = self._inside.pop(outcome.task_id)
             followers = self._followers.pop(outcome.task_id, [])
             self._window.add_outcome(outcome)
