@@ -11,6 +11,7 @@ from PIL import Image
 
 from worker.engine import ContinuousEngine, EngineStats
 from worker.engine.inputs import prompt_text
+from worker.engine.parts import MllamaParts
 from worker.model.runner import Generation, GenerationRequest
 
 SIZES = [(64, 48), (200, 40), (30, 120), (100, 100), (56, 56)]
@@ -322,3 +323,11 @@ def test_rows_crossing_length_buckets(loaded, reference, monkeypatch):
     results = drain(engine, {k: long[k] for k in rest}, at_step=20)
     for key, request in long.items():
         assert results[key].token_ids == reference(request), key
+
+
+def test_decode_weights_are_fused(loaded):
+    model, _ = loaded
+    parts = MllamaParts(model)
+    cross = parts.geometry.cross_layers
+    assert all(f.gate_up is not None for f in parts.fused)
+    assert all((f.qkv is None) == (i in cross) for i, f in enumerate(parts.fused))

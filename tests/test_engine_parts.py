@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.attention import gqa_attention
+from worker.engine.fused import EAGER_KERNELS, compiled_kernels
 from worker.engine.graphs import batch_buckets, length_buckets, pick
 from worker.engine.parts import Geometry
 from worker.engine.sampling import sample, top_p_filter
@@ -106,3 +107,32 @@ def test_gqa_attention_matches_repeated_kv():
     assert torch.allclose(out, expected.transpose(1, 2).reshape(batch, length, -1), atol=1e-5)
     one = gqa_attention(q[:, :, :1], k, v, mask[:, :1], dim**-0.5)
     assert torch.allclose(one, expected[:, :, :1].transpose(1, 2).reshape(batch, 1, -1), atol=1e-5)
+
+
+def test_pointwise_kernels_match_hf_modules():
+    from transformers.models.mllama.modeling_mllama import MllamaTextRMSNorm
+
+    torch.manual_seed(0)
+    norm = MllamaTextRMSNorm(16, eps=1e-5)
+    norm.weight.data = torch.rand(16, dtype=torch.bfloat16)
+    hidden = torch.randn(3, 16, dtype=torch.bfloat16)
+    delta = torch.randn(3, 16, dtype=torch.bfloat16)
+    gate = torch.tensor([0.5], dtype=torch.bfloat16).tanh()
+    rows = torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.bfloat16)
+    added, normed = EAGER_KERNELS.add_rms_norm(hidden, delta, gate, rows, norm.weight, 1e-5)
+    expected = hidden + gate * (rows * delta)
+    assert torch.equal(added, expected)
+    assert torch.equal(normed, norm(expected))
+
+    gate_up = torch.randn(3, 8)
+    assert torch.equal(EAGER_KERNELS.silu_and_mul(gate_up), F.silu(gate_up[:, :4]) * gate_up[:, 4:])
+
+    heads, kv_heads, dim = 4, 2, 8
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim)
+    cos, sin = torch.randn(3, 1, dim), torch.randn(3, 1, dim)
+    q, k, v = EAGER_KERNELS.rotate_qkv(qkv, cos, sin, heads, kv_heads)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(3, heads + kv_heads, dim)
+    rotated = qk * cos + torch.cat((-qk[..., dim // 2 :], qk[..., : dim // 2]), -1) * sin
+    assert torch.equal(q, rotated[:, :heads]) and torch.equal(k, rotated[:, heads:])
+    assert torch.equal(v, qkv[:, (heads + kv_heads) * dim :].view(3, kv_heads, dim))
+    assert compiled_kernels(torch.device("cpu"), torch.float32) is EAGER_KERNELS

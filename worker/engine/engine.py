@@ -87,6 +87,7 @@ class ContinuousEngine:
         max_slots: int | None = None,
         max_seq_len: int | None = None,
         cuda_graphs: bool = True,
+        compiled: bool = True,
         memory_fraction: float = 0.9,
     ) -> None:
         self.model = model
@@ -116,7 +117,7 @@ class ContinuousEngine:
         with torch.inference_mode():
             self._rope = self.parts.rope_table(self.max_seq_len)
         self._graphs = DecodeGraphs(
-            DecodeStep(self.parts, self.cache, self._rope),
+            DecodeStep(self.parts, self.cache, self._rope, compiled=compiled),
             batch_buckets(self.max_slots),
             length_buckets(self.max_seq_len),
             use_graphs=cuda_graphs and self.device.type == "cuda",

@@ -1,17 +1,25 @@
-"""Fewer, larger kernels for the decode step: fused projections and one-kernel RMSNorm.
+"""Fewer, larger kernels for the decode step: fused projections and fused pointwise work.
 
 A decode step at small batch is bound by kernel count as much as by weight bytes: each of the
 40 layers ran ~45 kernels. Concatenating q/k/v and gate/up weights turns five GEMVs into two;
-the HF modules keep working on views of the fused tensors, so no weight is stored twice.
+the HF modules keep working on views of the fused tensors, so no weight is stored twice. The
+pointwise work between the GEMMs (residual add + RMSNorm, rotary, SiLU-and-multiply) is written
+as plain functions that :func:`pointwise_kernels` compiles into one Triton kernel each on CUDA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from worker.engine.attention import apply_rope
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[
     ]
     if not all(_plain(*group) for group in (*mlps, *attns)):
         return None
+    probe = torch.linspace(-4.0, 4.0, 17)
+    if not all(torch.allclose(layer.mlp.act_fn(probe), F.silu(probe)) for layer in layers):
+        return None  # the fused MLP computes silu(gate) * up
     fused = []
     for i, layer in enumerate(layers):
         qkv = None
@@ -58,15 +69,88 @@ def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[
     return fused
 
 
-def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """HF's Mllama RMSNorm (fp32 statistics, weight applied in the input dtype), one kernel."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
-    return norm.weight * normed.to(x.dtype)
+def rms_norm(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's Mllama RMSNorm: fp32 statistics, the weight applied in the input dtype."""
+    normed = x.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
 
-def mlp(layer_mlp: nn.Module, gate_up: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """The gated MLP, with gate and up in one GEMM when fused."""
-    if gate_up is None:
-        return layer_mlp(x)
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return layer_mlp.down_proj(layer_mlp.act_fn(gate) * up)
+def add_rms_norm(
+    hidden: torch.Tensor,
+    delta: torch.Tensor,
+    gate: torch.Tensor,
+    row_gate: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual update then the next RMSNorm: ``hidden + gate * (row_gate * delta)`` and
+    its normed form. HF's order of operations; ``gate`` and ``row_gate`` are ones where the
+    layer has none (exact in any dtype)."""
+    hidden = hidden + gate * (row_gate * delta)
+    return hidden, rms_norm(weight, hidden, eps)
+
+
+def rotate_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused q/k/v projection [rows, (H + 2 Hkv) * D] into q [rows, H, D] and k, v
+    [rows, Hkv, D], q and k rotated (``cos``/``sin`` [rows, 1, D])."""
+    rows = qkv.shape[0]
+    dim = cos.shape[-1]
+    qk = qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
+    qk = apply_rope(qk, cos, sin)
+    v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+    return qk[:, :heads], qk[:, heads:], v
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up projection [rows, 2 * intermediate]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class PointwiseKernels:
+    """The decode step's pointwise functions, compiled or as written."""
+
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotate_qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
+
+
+EAGER_KERNELS = PointwiseKernels(add_rms_norm, rotate_qkv, silu_and_mul)
+
+
+def compiled_kernels(device: torch.device, dtype: torch.dtype) -> PointwiseKernels:
+    """The pointwise functions compiled by Inductor into one kernel each, or the eager ones
+    (with the reason logged) where compiling fails or the device is not CUDA.
+
+    Shapes are dynamic, so one compilation serves every decode bucket. Intermediate roundings
+    are emulated, so a compiled kernel gives the same bits as the eager ops it replaces. A
+    probe call compiles them here, at start-up, where a missing compiler shows at once.
+    """
+    if device.type != "cuda":
+        return EAGER_KERNELS
+    kernels = PointwiseKernels(
+        **{
+            field.name: torch.compile(getattr(EAGER_KERNELS, field.name), dynamic=True)
+            for field in fields(PointwiseKernels)
+        }
+    )
+    try:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.emulate_precision_casts = True
+        rows, heads, kv_heads, dim = 2, 4, 2, 8
+        x = torch.ones(rows, heads * dim, dtype=dtype, device=device)
+        one = torch.ones(1, dtype=dtype, device=device)
+        kernels.add_rms_norm(x, x, one, one, x[0], 1e-5)
+        rope = torch.ones(rows, 1, dim, dtype=dtype, device=device)
+        qkv = torch.ones(rows, (heads + 2 * kv_heads) * dim, dtype=dtype, device=device)
+        kernels.rotate_qkv(qkv, rope, rope, heads, kv_heads)
+        kernels.silu_and_mul(x)
+    except Exception as exc:  # any compiler failure means: run eagerly
+        logger.warning("decode runs uncompiled pointwise ops: compiling them failed: %s", exc)
+        return EAGER_KERNELS
+    return kernels
