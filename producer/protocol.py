@@ -22,6 +22,9 @@ IMAGE_KEY_PREFIX = "vlmq:image:"
 
 _IMAGE_KEY = re.compile(re.escape(IMAGE_KEY_PREFIX) + r"[0-9a-f]{64}")
 _SERVED_MODEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+# Text a Llama-3 tokenizer reads as a special token (<|image|>, <|eot_id|>, <|start_header_id|>,
+# <|reserved_special_token_7|>, ...): in a question it would add image tokens or chat turns.
+_SPECIAL_TOKEN = re.compile(r"<\|[^\s<>|]{1,64}\|>")
 
 
 def served_model_id(model: str, precision: str) -> str:
@@ -165,6 +168,13 @@ class AnalysisRequest:
             raise InvalidRequest(
                 f"question is {len(self.question)} characters; at most "
                 f"{limits.max_question_chars} are allowed (VLMQ_MAX_QUESTION_CHARS)"
+            )
+        special = _SPECIAL_TOKEN.search(self.question)
+        if special:
+            raise InvalidRequest(
+                f"question contains {special.group()!r}, the text of a special token of the "
+                "model (<|...|>), which would be read as an image or chat structure, not as "
+                "text; remove it"
             )
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
             raise InvalidRequest(

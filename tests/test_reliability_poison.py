@@ -17,9 +17,10 @@ from producer.errors import ModelError
 
 pytestmark = pytest.mark.integration
 
-# A question holding the image token: the processor then sees two images' worth of tokens for
-# one image and refuses the whole batch, every time. A genuine input, not a test hook.
-POISON_QUESTION = "Compare this <|image|> with that one."
+# A question holding a lone UTF-16 surrogate (as a client that cut an emoji in half sends):
+# valid JSON, but the tokenizer cannot encode it and refuses the whole batch, every time. A
+# genuine input, not a test hook. (Special-token text such as <|image|> is refused upfront.)
+POISON_QUESTION = "Compare this \ud83d with that one."
 
 
 @pytest.mark.parametrize("engine", ["batch", "continuous"])
