@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import Any
 
@@ -21,9 +23,12 @@ from producer import errors
 from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
 from producer.images import ImageSource, decode_image, read_image_source
+from producer.ledger import Ledger, LedgerEntry
 from producer.protocol import TASK_NAME, AnalysisRequest, Limits, model_queue
 from producer.queues import queue_depth
 from producer.results import AnalysisResult
+
+logger = logging.getLogger(__name__)
 
 _NAMED_ERRORS = {
     name: cls
@@ -100,7 +105,7 @@ class _Prepared:
     data: bytes
     request: AnalysisRequest
     priority: int | None
-    expires: float | datetime | None
+    expires: str | None  # ISO 8601, as Celery writes it in the message
     queue: str
 
 
@@ -116,6 +121,9 @@ class Client:
     claim-check store (``image_store``, else an :class:`ImageStore` on ``settings.redis_url``)
     are created on first use; both must be the ones the worker reads. URLs of private,
     loopback or link-local hosts are refused unless ``allow_private_urls``.
+
+    Every task is recorded in the ledger (:mod:`producer.ledger`) before it is published, so
+    that a worker's sweeper sends it again should its message be lost with a killed worker.
 
     When ``settings.max_queue_depth`` is set, a submission that would take a queue past it
     raises :class:`~producer.errors.QueueFull`, or first waits up to ``wait_when_full``
@@ -158,6 +166,12 @@ class Client:
             self.settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=30
         )
         return redis.Redis(connection_pool=pool)
+
+    @cached_property
+    def _ledger(self) -> Ledger | None:
+        # An app on another broker (the demo's in-memory transport) has no sweeper to serve.
+        broker = str(self.app.conf.broker_url or "")
+        return Ledger(self._redis) if broker.startswith(("redis://", "rediss://")) else None
 
     def submit(
         self,
@@ -265,7 +279,7 @@ class Client:
         request.validate(self.limits)
         decode_image(data, self.limits)
         queue = self.settings.queue if model is None else model_queue(self.settings.queue, model)
-        return _Prepared(data, request, priority, expires, queue)
+        return _Prepared(data, request, priority, _expiry(expires), queue)
 
     def queue_depth(self, queue: str | None = None) -> int:
         """Tasks waiting in ``queue`` (default: the shared queue), all priorities together;
@@ -296,19 +310,56 @@ class Client:
     def _send(self, prepared: list[_Prepared]) -> list[TaskHandle]:
         self._wait_for_room(prepared)
         self.images.put_many([item.data for item in prepared])
-        with self.app.producer_or_acquire() as producer, producer.batch():
-            sent = [
-                self.app.send_task(
-                    TASK_NAME,
-                    kwargs=item.request.to_message(),
-                    queue=item.queue,
-                    priority=item.priority,
-                    expires=item.expires,
-                    producer=producer,
-                )
-                for item in prepared
-            ]
-        return [TaskHandle(result.id, self.app) for result in sent]
+        entries = [
+            LedgerEntry(
+                task_id=str(uuid.uuid4()),
+                queue=item.queue,
+                kwargs=item.request.to_message(),
+                priority=item.priority,
+                expires=item.expires,
+                submitted_at=item.request.submitted_at,
+            )
+            for item in prepared
+        ]
+        ledger = self._ledger
+        if ledger is not None:
+            ledger.add(entries)
+        try:
+            with self.app.producer_or_acquire() as producer, producer.batch():
+                for entry in entries:
+                    self.app.send_task(
+                        TASK_NAME,
+                        kwargs=entry.kwargs,
+                        task_id=entry.task_id,
+                        queue=entry.queue,
+                        priority=entry.priority,
+                        expires=entry.expires,
+                        producer=producer,
+                    )
+        except Exception:
+            # submit raises, so these tasks were not accepted: keep the sweeper from sending
+            # them. Should Redis be gone this fails too, and a sweeper may run them later.
+            if ledger is not None:
+                try:
+                    ledger.forget(entry.task_id for entry in entries)
+                except redis.RedisError:
+                    logger.warning("Could not drop %d unsent tasks from the ledger", len(entries))
+            raise
+        return [TaskHandle(entry.task_id, self.app) for entry in entries]
+
+
+def _expiry(expires: float | datetime | None) -> str | None:
+    """``expires`` (seconds from now, or a datetime) as the ISO 8601 time Celery sends."""
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        return expires.isoformat()
+    try:
+        return (datetime.now(timezone.utc) + timedelta(seconds=expires)).isoformat()
+    except (OverflowError, ValueError):
+        raise errors.InvalidRequest(
+            f"expires must be a finite number of seconds from now, got {expires!r}"
+        ) from None
 
 
 # submit's options and their defaults, spelled out once, in its signature.
