@@ -13,6 +13,7 @@ def test_defaults_need_only_a_model():
     assert s.engine == "continuous"
     assert s.max_batch_size == 32 and s.prefetch_count == 64
     assert s.max_wait_s == 0.05
+    assert s.sweep_interval_s == 30
 
 
 def test_values_are_parsed():
@@ -23,9 +24,11 @@ def test_values_are_parsed():
             "VLMQ_MAX_BATCH_SIZE": "8",
             "VLMQ_MAX_WAIT_MS": "0",
             "VLMQ_WARMUP": "0",
+            "VLMQ_SWEEP_INTERVAL_S": "0",
         }
     )
     assert (s.precision, s.max_batch_size, s.max_wait_ms, s.warmup) == ("nf4", 8, 0, False)
+    assert s.sweep_interval_s == 0  # no sweeper
 
 
 @pytest.mark.parametrize(
@@ -39,6 +42,7 @@ def test_values_are_parsed():
         ({"VLMQ_MAX_BATCH_SIZE": "0"}, "VLMQ_MAX_BATCH_SIZE"),
         ({"VLMQ_MAX_WAIT_MS": "-5"}, "integer in 0..60000"),
         ({"VLMQ_WARMUP": "maybe"}, "VLMQ_WARMUP"),
+        ({"VLMQ_SWEEP_INTERVAL_S": "-1"}, "VLMQ_SWEEP_INTERVAL_S"),
         ({"VLMQ_PRECISION": "int8", "VLMQ_DEVICE": "cpu"}, "bitsandbytes"),
     ],
 )

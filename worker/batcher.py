@@ -118,6 +118,7 @@ class Batcher:
         max_wait_s: float,
         max_attempts: int,
         observers: Sequence[BatchObserver] = (),
+        on_stored: Callable[[list[str]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._executor = executor
@@ -126,6 +127,7 @@ class Batcher:
         self._max_wait_s = max_wait_s
         self._max_attempts = max_attempts
         self._observers = list(observers)
+        self._on_stored = on_stored  # e.g. the ledger's forget
         self._clock = clock
         self._pending: deque[tuple[float, Request]] = deque()
         self._cond = threading.Condition()
@@ -318,10 +320,12 @@ class Batcher:
             self._observe()
 
     def _complete(self, outcomes: list[Outcome], rows: int = 0) -> None:
-        """Store each outcome, then hand the announcements and acks to the loop."""
+        """Store each outcome, then hand the announcements and acks to the loop, then tell
+        ``on_stored`` which tasks are done."""
         if not outcomes:
             return
         now = self._clock()
+        stored = []
         for outcome in outcomes:
             if outcome.task_id not in self._inside:
                 # Requeued when an earlier step failed outside the model (e.g. Redis went
@@ -338,9 +342,15 @@ class Batcher:
                 for delivery in (req, *followers):
                     self._handoff.call(delivery.reject, True)
                 continue
+            stored.append(req.id)
             self._completed.append(Completion(req, outcome, now - entered, rows))
             self._completed.extend(Completion(f, None, 0.0, 0) for f in followers)
         self._handoff.call(self.drain)
+        if stored and self._on_stored is not None:
+            try:
+                self._on_stored(stored)
+            except Exception as exc:  # the sweeper drops entries with a result by itself
+                logger.warning("Could not drop %d done tasks from the ledger: %r", len(stored), exc)
 
     def _reached_model_before(self, requests: list[Request]) -> set[str]:
         """Ids whose attempt counter is already set: an earlier delivery reached the model."""

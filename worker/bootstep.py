@@ -11,6 +11,7 @@ from celery import bootsteps
 from celery.concurrency.prefork import TaskPool as PreforkPool
 
 from producer.errors import ConfigurationError
+from producer.ledger import Ledger
 from worker.batcher import Batcher
 from worker.executor import (
     BatchExecutor,
@@ -21,6 +22,7 @@ from worker.executor import (
 )
 from worker.handoff import LoopHandoff
 from worker.settings import WorkerSettings
+from worker.sweeper import make_sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class BatchingStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         refuse_prefork(worker.pool_cls)
         worker.vlmq_batcher = None
+        worker.vlmq_sweeper = None
 
     def start(self, worker: Any) -> None:
         app = worker.app
@@ -61,6 +64,7 @@ class BatchingStep(bootsteps.StartStopStep):
         executor = load_executor(
             settings, reader, visibility_timeout_s=transport.get("visibility_timeout", 3600)
         )
+        sweeper = make_sweeper(app, settings.sweep_interval_s)
         batcher = Batcher(
             executor,
             LoopHandoff(worker.hub),
@@ -68,15 +72,31 @@ class BatchingStep(bootsteps.StartStopStep):
             max_wait_s=settings.max_wait_s,
             max_attempts=settings.max_attempts,
             observers=app.vlmq_batch_observers,
+            on_stored=_ledger_forget(app),
         )
         worker.vlmq_batcher = batcher
         batcher.start()
+        if sweeper is not None:
+            worker.vlmq_sweeper = sweeper
+            sweeper.start()
 
     def stop(self, worker: Any) -> None:
+        if worker.vlmq_sweeper is not None:
+            worker.vlmq_sweeper.stop()
         if worker.vlmq_batcher is not None:
             worker.vlmq_batcher.stop()
 
     terminate = stop
+
+
+def _ledger_forget(app: Any) -> Callable[[list[str]], None] | None:
+    """The ledger's ``forget`` on a Redis broker (producers record tasks there); else None."""
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    return Ledger(redis.Redis.from_url(url)).forget
 
 
 def load_executor(

@@ -31,7 +31,9 @@ class WorkerSettings:
     batch), ``MAX_BATCH_SIZE`` (requests computed together: the engine's slots),
     ``MAX_WAIT_MS``,
     ``WARMUP`` (1/0), ``MAX_ATTEMPTS`` (runs of a task that may end without a result —
-    a worker crash — before it fails as ``ModelError``), plus the request limits of
+    a worker crash — before it fails as ``ModelError``), ``SWEEP_INTERVAL_S`` (how often
+    the sweeper looks for accepted tasks whose message was lost, :mod:`worker.sweeper`; 0:
+    never), plus the request limits of
     :class:`producer.protocol.Limits` (``MAX_NEW_TOKENS`` is the cap on new tokens).
     """
 
@@ -44,6 +46,7 @@ class WorkerSettings:
     max_wait_ms: int = 50
     warmup: bool = True
     max_attempts: int = 3
+    sweep_interval_s: int = 30
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -90,5 +93,6 @@ class WorkerSettings:
             max_wait_ms=env_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
             warmup=warmup in ("1", "true", "yes"),
             max_attempts=env_int(env, "VLMQ_MAX_ATTEMPTS", 3, low=1, high=100),
+            sweep_interval_s=env_int(env, "VLMQ_SWEEP_INTERVAL_S", 30, low=0, high=86_400),
             limits=Limits.from_env(env),
         )
