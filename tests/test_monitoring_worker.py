@@ -4,6 +4,7 @@ Plain objects stand in for Celery's loop and dispatcher; Redis is the real test 
 """
 
 import json
+import logging
 import re
 import sys
 import threading
@@ -221,7 +222,9 @@ def test_put_survives_a_broken_handoff_and_a_detached_outbox():
 def test_a_slow_broker_never_slows_the_thread_that_puts():
     dispatcher = Dispatcher(delay_s=0.2)
     flushes: list = []
-    hub = type("Hub", (), {"call_soon": lambda self, fn: flushes.append(fn)})()
+    hub = type(
+        "Hub", (), {"call_soon": lambda self, fn, *args: flushes.append(lambda: fn(*args))}
+    )()
     outbox = EventOutbox()
     outbox.attach(LoopHandoff(hub), lambda: dispatcher)
     outbox.put("worker-batch", {"n": 0})
@@ -443,3 +446,21 @@ def test_prometheus_scrapes_workers_exporter_and_flower_and_compose_runs_it():
                for v in services["prometheus"]["volumes"])  # fmt: skip
     assert services["worker-gpu0"]["environment"]["VLMQ_METRICS_ADDR"] == "0.0.0.0"
     assert services["flower"]["command"][:2] == ["celery", "--broker=redis://redis:6379/0"]
+
+
+def test_a_failing_loop_callback_does_not_drop_the_others(caplog):
+    # kombu's hub ends a round of ready callbacks at the first exception: the others of the
+    # round (one may be a call the model thread waits for) would be lost.
+    loop = ManualLoop()
+    handoff = LoopHandoff(loop)
+    ran = []
+
+    def reject() -> None:
+        raise ConnectionError("Redis is gone")
+
+    handoff.call(reject)
+    handoff.call(ran.append, "ack")
+    with caplog.at_level(logging.ERROR):
+        loop.run()
+    assert ran == ["ack"]
+    assert "reject" in caplog.text and "Redis is gone" in caplog.text

@@ -3,6 +3,7 @@ worker and the producer reconnect by themselves and no accepted task is lost."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -59,18 +60,43 @@ def test_redis_killed_mid_run_loses_no_accepted_task(private_redis, result_write
     private_redis.start()
     after = [client.submit(image(100 + i), f"After {i}?", max_new_tokens=8) for i in range(8)]
 
-    time.sleep(3)
-    if not worker.alive():
-        # kombu 5.7 sometimes fails to close the lost connection (AttributeError on
-        # conninfo.hostname) and the worker exits: its supervisor (compose: restart:
-        # unless-stopped) starts it again, and its messages come back after the timeout.
-        assert "no attribute 'hostname'" in worker.log(), worker.log()[-3000:]
-        print("\nthe worker exited on the lost connection (kombu); restarted as compose would")
-        worker = start_worker(**env)
-    results = [h.result(timeout=120) for h in [*before, *after]]
+    results, worker = _results_restarting_workers([*before, *after], worker, env, start_worker)
     assert all(res.answer_tokens >= 1 for res in results)
     assert worker.alive()
     # Messages whose ack was lost with the connection come back after the visibility timeout
     # and are acked without running again (their results exist).
     wait_for(lambda: unacked_count(r) == 0, VISIBILITY_S + 15, "messages left unacked")
     print(f"\n{len(results)} tasks answered across a Redis kill and restart")
+
+
+def _results_restarting_workers(handles, worker, env, start_worker, timeout_s=120.0):
+    """Wait for every result, restarting the worker whenever it exits, as compose would.
+
+    kombu 5.7 sometimes fails to close the lost connection (AttributeError on
+    conninfo.hostname) and the worker exits, at any time after the cut: its supervisor
+    (compose: ``restart: unless-stopped``) starts it again, and its messages come back after
+    the visibility timeout.
+    """
+    logs: list[str] = []
+    results = []
+    deadline = time.monotonic() + timeout_s
+    for handle in handles:
+        while True:
+            if not worker.alive():
+                logs.append(worker.log())
+                assert "no attribute 'hostname'" in logs[-1], logs[-1][-3000:]
+                print("\nthe worker exited on the lost connection (kombu); restarted")
+                worker = start_worker(**env)
+            try:
+                results.append(handle.result(timeout=1))
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    worker.proc.send_signal(signal.SIGUSR1)  # Celery logs every thread's stack
+                    time.sleep(1)
+                    logs.append(worker.log())
+                    raise AssertionError(
+                        f"task {handle.id} not finished after {timeout_s:.0f} s; worker logs:\n"
+                        + "\n----\n".join(log[-6000:] for log in logs)
+                    ) from None
+    return results, worker

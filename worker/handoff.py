@@ -1,5 +1,6 @@
 """Run callables on the worker's event-loop thread from the model thread."""
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -7,6 +8,19 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+def _logged(fn: Callable[..., Any], *args: Any) -> None:
+    # An exception escaping a callback would end the hub's round of ready callbacks and drop
+    # the rest of them (one may be a call the model thread waits for). What fails here is an
+    # ack, a reject or an event on a lost connection: its message stays unacked in Redis and
+    # comes back after the visibility timeout.
+    try:
+        fn(*args)
+    except Exception:
+        logger.exception("%s failed on the event loop", getattr(fn, "__qualname__", fn))
 
 
 class LoopHandoff:
@@ -22,12 +36,12 @@ class LoopHandoff:
         self._lock = threading.Lock()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the loop soon; do not wait."""
+        """Run ``fn(*args)`` on the loop soon; do not wait. What it raises is logged."""
         if self._hub is not None:
-            self._hub.call_soon(fn, *args)
+            self._hub.call_soon(_logged, fn, *args)
             return
         with self._lock:
-            fn(*args)
+            _logged(fn, *args)
 
     def call_and_wait(
         self, fn: Callable[..., T], *args: Any, give_up: Callable[[], bool]
