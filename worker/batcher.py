@@ -168,30 +168,37 @@ class Batcher:
         """Announce and acknowledge every completion; results are already stored."""
         while self._completed:
             c = self._completed.popleft()
-            req, outcome = c.request, c.outcome
-            if outcome is None:
-                task_ready(req)
-            elif outcome.error is None:
-                task_ready(req, successful=True)
-                result = outcome.result or {}
-                req.send_event(
-                    "task-succeeded",
-                    result=saferepr(result, maxlen=1024),
-                    runtime=c.runtime_s,
-                    batch_size=c.batch_size,
-                    prompt_tokens=result.get("prompt_tokens"),
-                    answer_tokens=result.get("answer_tokens"),
-                )
-            else:
-                task_ready(req)
-                req.send_event(
-                    "task-failed",
-                    exception=saferepr(outcome.error),
-                    traceback=outcome.traceback,
-                    runtime=c.runtime_s,
-                    batch_size=c.batch_size,
-                )
-            req.acknowledge()
+            try:
+                self._announce(c)
+            except Exception:  # an event lost (e.g. to a broker hiccup) must not skip the ack
+                logger.exception("Could not send the events of task %s", c.request.id)
+            c.request.acknowledge()
+
+    @staticmethod
+    def _announce(c: Completion) -> None:
+        req, outcome = c.request, c.outcome
+        if outcome is None:
+            task_ready(req)
+        elif outcome.error is None:
+            task_ready(req, successful=True)
+            result = outcome.result or {}
+            req.send_event(
+                "task-succeeded",
+                result=saferepr(result, maxlen=1024),
+                runtime=c.runtime_s,
+                batch_size=c.batch_size,
+                prompt_tokens=result.get("prompt_tokens"),
+                answer_tokens=result.get("answer_tokens"),
+            )
+        else:
+            task_ready(req)
+            req.send_event(
+                "task-failed",
+                exception=saferepr(outcome.error),
+                traceback=outcome.traceback,
+                runtime=c.runtime_s,
+                batch_size=c.batch_size,
+            )
 
     # -- model thread --------------------------------------------------------
     def start(self) -> None:
