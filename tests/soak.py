@@ -2,6 +2,7 @@
 and a worker killed (SIGKILL) and restarted in the middle; every task must be accounted for.
 
     python tests/soak.py --tasks 10000        # the full form; docs/soak.md has its last result
+    python tests/soak.py --tasks 10000 --random-kills 10   # and SIGKILLs at random moments
 
 It starts its own ``redis-server`` (persisted as compose.yaml persists it) and its own workers,
 and prints one line of counts; the exit status is 0 only if no task was lost, none failed with
@@ -17,6 +18,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -34,6 +36,7 @@ from reliability_support import RedisServer, ResultWrites, image, png_bytes
 from producer.claimcheck import ImageStore
 from producer.client import Client
 from producer.config import Settings, make_celery_app
+from producer.ledger import RESENT
 from producer.protocol import TASK_NAME, AnalysisRequest
 
 VISIBILITY_S = 30  # above what the start-up check asks for, even on two busy cores
@@ -44,6 +47,7 @@ WORKER_ENV = {
     "VLMQ_MAX_WAIT_MS": "50",
     "VLMQ_MAX_NEW_TOKENS": "16",
     "VLMQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+    "VLMQ_SWEEP_INTERVAL_S": "5",  # a message lost with a killed worker comes back in ~50 s
     "OMP_NUM_THREADS": "1",  # two workers on two cores; spinning threads would swing timings
 }
 
@@ -59,6 +63,8 @@ class SoakResult:
     written_twice: int = 0
     ran_again_after_kill: int = 0
     killed_at_results: int = 0
+    random_kills: int = 0
+    resent_by_sweeper: int = 0
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -98,7 +104,14 @@ def malformed_kwargs(store: ImageStore, rng: random.Random) -> tuple[dict, str]:
     return rng.choice(choices)
 
 
-def run(tasks: int, *, malformed_fraction: float = 0.01, seed: int = 1, log=print) -> SoakResult:
+def run(
+    tasks: int,
+    *,
+    malformed_fraction: float = 0.01,
+    seed: int = 1,
+    random_kills: int = 0,
+    log=print,
+) -> SoakResult:
     workdir = Path(tempfile.mkdtemp(prefix="vlmq-soak-"))
     from worker.model.tiny import make_tiny_model
 
@@ -181,7 +194,24 @@ def run(tasks: int, *, malformed_fraction: float = 0.01, seed: int = 1, log=prin
         result.killed_at_results = len(final)
         log(f"soak: SIGKILL {victim.name} at {len(final)} of {half} results; restarting it")
         live.append(start(1))
+
+        def kill_at_random() -> None:
+            # Whatever the worker is doing, fetching included: the sweeper must bring back a
+            # message lost in kombu's BRPOP-then-unacked window.
+            rng = random.Random(seed)
+            for _ in range(random_kills):
+                time.sleep(rng.uniform(1.0, 4.0))
+                if not r.llen(settings.queue):
+                    break
+                index = rng.randrange(len(live))
+                live.pop(index).stop(signal.SIGKILL)
+                result.random_kills += 1
+                live.insert(index, start(index))
+
+        killer = threading.Thread(target=kill_at_random, daemon=True)
+        killer.start()
         submit(half, tasks)
+        killer.join()
         result.malformed = sum(error is not None for error in expected.values())
         log(f"soak: {tasks} tasks submitted in {time.monotonic() - t0:.1f} s")
 
@@ -190,6 +220,7 @@ def run(tasks: int, *, malformed_fraction: float = 0.01, seed: int = 1, log=prin
             poll()
             time.sleep(0.5)
         result.seconds = round(time.monotonic() - t0, 1)
+        result.resent_by_sweeper = int(r.get(RESENT) or 0)
         time.sleep(1.0)  # let the last publishes reach the write counter
 
         counts = writes.counts()
@@ -232,8 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--malformed", type=float, default=0.01, help="fraction malformed")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--random-kills",
+        type=int,
+        default=0,
+        help="also SIGKILL a worker (and start it again) this many times at random moments "
+        "while tasks are queued",
+    )
     args = parser.parse_args(argv)
-    return 0 if run(args.tasks, malformed_fraction=args.malformed, seed=args.seed).ok else 1
+    kills = args.random_kills
+    result = run(args.tasks, malformed_fraction=args.malformed, seed=args.seed, random_kills=kills)
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

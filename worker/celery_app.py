@@ -49,6 +49,10 @@ def create_worker_app(
         worker_concurrency=1,
         worker_prefetch_multiplier=worker_settings.prefetch_count,
         worker_hijack_root_logger=True,
+        # A result that cannot be stored while Redis restarts is retried (with backoff, for
+        # up to about a minute) rather than its task requeued and computed again.
+        result_backend_always_retry=True,
+        result_backend_max_retries=15,
     )
     if image_source is None:
         import redis
