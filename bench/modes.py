@@ -135,6 +135,9 @@ class GenerateExecutor:
         self._ready.extend(ready)
         return failed
 
+    def reset(self) -> None:
+        self._ready.clear()
+
     def warmup(self) -> None:
         """Nothing to do: the bench warms (a) and (b) up with a short request."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,55 @@ def test_decode_weights_are_fused(loaded):
     cross = parts.geometry.cross_layers
     assert all(f.gate_up is not None for f in parts.fused)
     assert all((f.qkv is None) == (i in cross) for i, f in enumerate(parts.fused))
+
+
+def test_abort_drops_waiting_and_running_requests(loaded, reference):
+    model, processor = loaded
+    engine = ContinuousEngine(model, processor, max_slots=2, max_seq_len=128)
+    requests = make_requests(4, seed=3)
+    for key, request in requests.items():
+        engine.submit(key, request)
+    engine.step_outputs()  # two admitted and running, two waiting
+    running = [slot.key for slot in engine._slots if slot is not None]
+    waiting = [key for key in requests if key not in running]
+    assert len(running) == 2 and len(waiting) == 2
+
+    engine.abort([running[0], waiting[0]])
+    assert engine.active == 1 and engine.waiting == 1
+    engine.submit(running[0], requests[running[0]])  # its redelivery, under the same key
+
+    results = drain(engine)
+    assert set(results) == {running[0], running[1], waiting[1]}
+    for key, done in results.items():
+        assert done.token_ids == reference(requests[key]), key
+    assert engine.free_slots == 2 and not engine.has_work()
+
+
+def test_executor_reset_lets_a_redelivery_run_under_the_same_id(loaded):
+    from producer.claimcheck import MemoryImageStore
+    from producer.protocol import AnalysisRequest, Limits
+    from worker.executor import ContinuousExecutor, RequestReader
+
+    model, processor = loaded
+    engine = ContinuousEngine(model, processor, max_slots=2, max_seq_len=128)
+    images = MemoryImageStore()
+    executor = ContinuousExecutor(engine, RequestReader(images, Limits(), "tiny.fp32"))
+    buffer = BytesIO()
+    noise_image(1, (32, 32)).save(buffer, format="PNG")
+    message = AnalysisRequest(
+        image_key=images.put(buffer.getvalue()), question="What?", max_new_tokens=40
+    ).to_message()
+    executor.admit([("a", message), ("b", message)])
+    for _ in range(20):
+        assert executor.step().outcomes == []
+        if engine.active == 2:
+            break
+    assert engine.active == 2
+
+    executor.reset()  # as the batcher does after a failed step: both messages went back
+    assert not executor.has_work() and engine.free_slots == 2
+    executor.admit([("a", message)])  # a's redelivery
+    outcomes = []
+    while executor.has_work():
+        outcomes += executor.step().outcomes
+    assert [(o.task_id, o.error) for o in outcomes] == [("a", None)]

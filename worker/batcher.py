@@ -238,6 +238,10 @@ class Batcher:
                         self._handoff.call(req.reject, True)
                 self._inside.clear()
                 self._followers.clear()
+                try:
+                    self._executor.reset()
+                except Exception:
+                    logger.exception("Could not reset the executor")
                 if taken is None:
                     return
 

@@ -79,6 +79,10 @@ class Executor(Protocol):
     def warmup(self) -> None:
         """Run a small request through the model path, before the worker takes tasks."""
 
+    def reset(self) -> None:
+        """Drop every request inside: their messages went back to the broker, so no outcome
+        of theirs may come (a redelivery may soon be admitted under the same task id)."""
+
 
 @dataclass(frozen=True)
 class Ready:
@@ -188,6 +192,9 @@ class BatchExecutor:
     def warmup(self) -> None:
         self._runner.warmup()
 
+    def reset(self) -> None:
+        self._ready.clear()
+
     def run(self, messages: Sequence[Message]) -> list[Outcome]:
         """Admit and step at once; one outcome per message, in order."""
         outcomes = {o.task_id: o for o in self.admit(messages)}
@@ -237,6 +244,13 @@ class ContinuousExecutor:
         self._engine.submit("vlmq-warmup", warmup_request())
         while self._engine.has_work():
             self._engine.step()
+
+    def reset(self) -> None:
+        wait(self._preparing)  # none of them may reach the engine after this
+        self._preparing.clear()
+        with self._lock:
+            task_ids, self._inside = list(self._inside), {}
+        self._engine.abort(task_ids)
 
     def room(self) -> int:
         # Only as many as can start now: the rest stay in the batcher's buffer, where a

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -193,6 +194,19 @@ class ContinuousEngine:
             )
         with self._lock:
             self._waiting.append(_Waiting(key, request, prepared))
+
+    def abort(self, keys: Iterable[str]) -> None:
+        """Drop requests by key, waiting or running; their slots are free at once and they
+        never come back from ``step``. Call it from the thread that calls ``step``."""
+        keys = set(keys)
+        with self._lock:
+            self._waiting = deque(w for w in self._waiting if w.key not in keys)
+            self._failed = [f for f in self._failed if f.key not in keys]
+            self._keys -= keys
+        for slot, running in enumerate(self._slots):
+            if running is not None and running.key in keys:
+                self._slots[slot] = None
+                self.cache.release(slot)
 
     def step(self) -> list[tuple[str, Generation | Exception]]:
         """Admit, decode one token for every active slot, return what finished in this step."""
