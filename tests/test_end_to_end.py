@@ -16,7 +16,7 @@ from producer.claimcheck import ImageStore
 from producer.client import Client
 from producer.config import Settings, make_celery_app
 from producer.errors import ImageUnavailable, InvalidImage, InvalidRequest, VlmqError
-from producer.protocol import TASK_NAME
+from producer.protocol import TASK_NAME, AnalysisRequest
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +136,18 @@ def test_revoked_and_expired_tasks_never_reach_the_model(start_worker, redis_url
         while handle.state != "REVOKED" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert handle.state == "REVOKED"
+
+
+def test_countdown_task_waits_for_its_eta(start_worker, redis_url):
+    start_worker()
+    settings = Settings.from_env({"REDIS_URL": redis_url})
+    client = Client(settings)
+    key = ImageStore(redis.Redis.from_url(redis_url)).put(png(good_image(4)))
+    kwargs = AnalysisRequest(image_key=key, question="Later?", max_new_tokens=2).to_message()
+    t0 = time.monotonic()
+    later = make_celery_app(settings).send_task(TASK_NAME, kwargs=kwargs, countdown=5)
+    now = client.submit(good_image(5), "Now?", max_new_tokens=2)
+    assert now.result(timeout=60).answer_tokens >= 1
+    assert not client.handle(later.id).ready()
+    assert client.handle(later.id).result(timeout=60).answer_tokens >= 1
+    assert time.monotonic() - t0 >= 5

@@ -5,9 +5,13 @@ from typing import Any
 
 from celery import signals
 from celery.utils.imports import symbol_by_name
+from celery.utils.time import timezone
 from celery.worker.request import create_request_cls
-from celery.worker.state import task_reserved
+from celery.worker.state import task_reserved, task_scheduled
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from kombu.asynchronous.timer import to_timestamp
+
+from producer.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -15,9 +19,11 @@ logger = logging.getLogger(__name__)
 def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
     """Build the message handler for ``task``: validate, announce, then buffer.
 
-    Runs on the event-loop thread. Kombu re-creates strategies on every broker
-    (re)connect, after restoring unacked messages to the queue, so requests still
-    buffered from the old connection are dropped here: they will be delivered again.
+    A task with an ETA or countdown waits on the worker's timer, as with Celery's own
+    strategy, and enters the buffer when due. Runs on the event-loop thread. Kombu re-creates
+    strategies on every broker (re)connect, after restoring unacked messages to the queue, so
+    requests still buffered from the old connection are dropped here: they will be delivered
+    again.
     """
     batcher = consumer.controller.vlmq_batcher
     batcher.drop_pending()
@@ -28,6 +34,14 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
         symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app
     )
     revoked_tasks = consumer.controller.state.revoked
+
+    def buffer(req: Any) -> None:
+        task_reserved(req)
+        batcher.add(req)
+
+    def due(req: Any) -> None:
+        buffer(req)
+        consumer.qos.decrement_eventually()
 
     def task_message_handler(message, body, ack, reject, callbacks, **__):
         if body is None and "args" not in message.payload:
@@ -73,7 +87,23 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
                 eta=req.eta and req.eta.isoformat(),
                 expires=req.expires and req.expires.isoformat(),
             )
-        task_reserved(req)
-        batcher.add(req)
+        if req.eta:
+            try:
+                eta = (
+                    to_timestamp(timezone.to_system(req.eta))
+                    if req.utc
+                    else to_timestamp(req.eta, app.timezone)
+                )
+            except (OverflowError, ValueError) as exc:
+                error = InvalidRequest(f"unreadable eta {req.eta!r}: {exc}")
+                req.task.backend.mark_as_failure(req.id, error, request=req._context)
+                req.reject(requeue=False)
+                return
+            # Held messages stay unacked: let the worker fetch more meanwhile, as Celery does.
+            consumer.qos.increment_eventually()
+            req._eta_timer_entry = consumer.timer.call_at(eta, due, (req,), priority=6)
+            task_scheduled(req)  # the consumer cancels the timer if the connection is lost
+            return
+        buffer(req)
 
     return task_message_handler
