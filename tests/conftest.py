@@ -1,6 +1,8 @@
 """Shared fixtures: the tiny random Mllama, built once per test session."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.model.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-mllama"))
+
+
+@pytest.fixture(scope="session")
+def forced_length_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with an end of turn it never generates: every answer runs to its
+    ``max_new_tokens``, so how long a task stays in the model is known (the bench's trick)."""
+    target = tmp_path_factory.mktemp("forced") / "tiny-forced"
+    shutil.copytree(tiny_model_dir, target)
+    path = target / "generation_config.json"
+    config = json.loads(path.read_text())
+    config["eos_token_id"] = [2**31 - 1]  # beyond the vocabulary
+    path.write_text(json.dumps(config))
+    return target
 
 
 REDIS_TEST_URL = os.environ.get("VLMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")

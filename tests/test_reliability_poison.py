@@ -55,25 +55,30 @@ MAX_ATTEMPTS = 2
 
 
 def test_request_that_kills_the_worker_gives_up_after_max_attempts(
-    private_redis, result_writes, start_worker
+    private_redis, result_writes, start_worker, forced_length_model_dir
 ):
     """The worker process dies whenever the poison request reaches the model (the test kills
     it then, as a segfault or an OOM kill would); a new worker is started each time."""
     url = private_redis.url()
     env = {
         "REDIS_URL": url,
+        # Every answer runs its full length, so the test sees each run of the poison in time
+        # (a sampled end of turn after a few tokens could end one before the test looked).
+        "VLMQ_MODEL": str(forced_length_model_dir),
         "VLMQ_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
         "VLMQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
         "VLMQ_MAX_BATCH_SIZE": "8",
         "VLMQ_MAX_WAIT_MS": "500",
-        "VLMQ_MAX_NEW_TOKENS": "128",
+        "VLMQ_MAX_NEW_TOKENS": "512",
     }
     client = Client(Settings(redis_url=url, visibility_timeout_s=VISIBILITY_S))
     r = private_redis.client()
     worker = start_worker(**env)
-    long = {"max_new_tokens": 100, "temperature": 1.0}  # long enough to be caught running
+    long = {"max_new_tokens": 100, "temperature": 1.0}
     items = [{"image": image(i), "question": f"Good {i}?", **long} for i in range(7)]
-    items.insert(2, {"image": image(99), "question": "A fatal question?", **long})
+    # ~0.3 s in the model even alone: ample time for the test to see it there.
+    fatal = {"image": image(99), "question": "A fatal question?", "max_new_tokens": 400}
+    items.insert(2, fatal)
     handles = client.submit_many(items)
     poison = handles.pop(2)
     attempts_key = f"vlmq:attempts:{poison.id}"
