@@ -41,17 +41,21 @@ class ImageStore:
     def put_many(self, items: Sequence[bytes]) -> list[str]:
         """Store several images in two round trips; returns their keys, in order."""
         keys = [self.key_for(data) for data in items]
-        # Refresh first, so bytes already in Redis are not sent again.
-        with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.expire(key, self.ttl_s)
-            refreshed = pipe.execute()
+        refreshed = self.keep(keys)  # first, so bytes already in Redis are not sent again
         with self._redis.pipeline(transaction=False) as pipe:
             for key, data, exists in zip(keys, items, refreshed, strict=True):
                 if not exists:
                     pipe.set(key, data, nx=True, ex=self.ttl_s)
             pipe.execute()
         return keys
+
+    def keep(self, keys: Sequence[str]) -> list[bool]:
+        """Restart the TTL of the images under ``keys`` (one round trip); True for each one
+        still stored."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.expire(key, self.ttl_s)
+            return [bool(done) for done in pipe.execute()]
 
     def get(self, key: str) -> bytes:
         """The bytes stored under ``key``.
@@ -85,6 +89,14 @@ class MemoryImageStore:
         keys = [ImageStore.key_for(data) for data in items]
         self._data.update(zip(keys, items, strict=True))
         return keys
+
+    def keep(self, keys: Sequence[str]) -> list[bool]:
+        """Restart the TTL of the images under ``keys`` (one round trip); True for each one
+        still stored."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.expire(key, self.ttl_s)
+            return [bool(done) for done in pipe.execute()]
 
     def get(self, key: str) -> bytes:
         try:

@@ -13,9 +13,10 @@ import pytest
 import redis
 from PIL import Image
 
+from producer.claimcheck import ImageStore
 from producer.client import Client
 from producer.config import Settings
-from producer.ledger import RESENT, SEEN, Ledger, LedgerEntry
+from producer.ledger import ENTRIES, RESENT, SEEN, Ledger, LedgerEntry
 from producer.queues import priority_lists
 from worker.sweeper import (
     BATCH,
@@ -229,3 +230,18 @@ def test_one_sweeper_at_a_time(r: redis.Redis) -> None:
     first.stop()
     assert second._hold_lock()
     second.stop()
+
+
+def test_a_task_waiting_past_the_grace_keeps_its_image(client: Client, r: redis.Redis):
+    [handle] = client.submit_many([(png(1), "Still waiting?")])
+    image_key = json.loads(r.hget(ENTRIES, handle.id))["kwargs"]["image_key"]
+    r.expire(image_key, 100)  # as if it had waited most of its TTL in a long queue
+    clock = Clock()
+    store = ImageStore(r, ttl_s=3600)
+    sweeper = Sweeper(
+        r, lambda e: None, grace_s=grace_s(VISIBILITY_S), interval_s=1,
+        keep_images=store.keep, clock=clock,
+    )  # fmt: skip
+    clock.now += grace_s(VISIBILITY_S) + 1
+    assert sweeper.sweep().alive == 1  # still in its queue
+    assert r.ttl(image_key) > 3000

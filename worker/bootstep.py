@@ -64,7 +64,7 @@ class BatchingStep(bootsteps.StartStopStep):
         executor = load_executor(
             settings, reader, visibility_timeout_s=transport.get("visibility_timeout", 3600)
         )
-        sweeper = make_sweeper(app, settings.sweep_interval_s)
+        sweeper = make_sweeper(app, settings.sweep_interval_s, images)
         batcher = Batcher(
             executor,
             LoopHandoff(worker.hub),

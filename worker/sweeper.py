@@ -9,7 +9,8 @@ worker's sweeper (a Redis lock picks it) takes the entries unseen for longer tha
 
 1. a stored final result: the entry is dropped;
 2. its message held by a worker (kombu's ``unacked`` hash), or waiting in its queue's
-   priority list, or held again after it: the task is alive and its entry is marked seen;
+   priority list, or held again after it: the task is alive, its entry is marked seen and its
+   image's claim-check TTL restarts (a task waiting in a long queue keeps its image);
 3. otherwise the task is missing. Missing on two consecutive sweeps — the second time after
    a scan of all its queue's lists that no concurrent push or pop can fool — it is lost: it
    is published again with the same task id. A redelivery is harmless: a worker acks a task
@@ -39,6 +40,7 @@ from typing import Any
 import redis
 from celery import states
 
+from producer.claimcheck import ImageStore
 from producer.ledger import RESENT, Ledger, LedgerEntry
 from producer.protocol import TASK_NAME
 from producer.queues import priority_lists
@@ -110,9 +112,11 @@ class Sweeper:
         grace_s: float,
         interval_s: float,
         unacked_key: str = "unacked",
+        keep_images: Callable[[list[str]], object] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = client
+        self._keep_images = keep_images
         self._ledger = Ledger(client)
         self._resend = resend
         self.grace_s = grace_s
@@ -136,13 +140,13 @@ class Sweeper:
             return SweepReport()
         verdict = self._locate(list(entries.values()), thorough=False)
         self._ledger.forget(verdict.done)
-        self._ledger.seen(verdict.alive, now)
+        self._alive(verdict.alive, entries, now)
         recheck, self._suspects = confirm(verdict.missing, self._suspects)
         resent = 0
         if recheck:
             again = self._locate([entries[i] for i in recheck], thorough=True)
             self._ledger.forget(again.done)
-            self._ledger.seen(again.alive, now)
+            self._alive(again.alive, entries, now)
             for task_id in sorted(again.missing):
                 resent += self._send_again(entries[task_id], now)
         return SweepReport(
@@ -152,6 +156,15 @@ class Sweeper:
             suspects=len(self._suspects),
             resent=resent,
         )
+
+    def _alive(self, task_ids: set[str], entries: dict[str, LedgerEntry], now: float) -> None:
+        """Mark tasks found alive as seen, and restart their images' TTL: a task waiting in a
+        long queue keeps its image (each alive task is found once per grace)."""
+        self._ledger.seen(task_ids, now)
+        found = {entries[i].kwargs.get("image_key") for i in task_ids}
+        keys = sorted(key for key in found if isinstance(key, str))
+        if keys and self._keep_images is not None:
+            self._keep_images(keys)
 
     def _send_again(self, entry: LedgerEntry, now: float) -> int:
         logger.warning(
@@ -291,13 +304,22 @@ def _ids_in(raws: Iterable[bytes], ids: set[str]) -> set[str]:
     return found
 
 
-def make_sweeper(app: Any, interval_s: float) -> Sweeper | None:
+def make_sweeper(app: Any, interval_s: float, images: Any = None) -> Sweeper | None:
     """The sweeper for a worker app on a Redis broker; None when ``interval_s`` is 0 or the
-    broker is something else (the demo's in-memory transport)."""
+    broker is something else (the demo's in-memory transport). With ``images`` (an
+    :class:`~producer.claimcheck.ImageStore`) it keeps the images of waiting tasks stored."""
     url = str(app.conf.broker_url or "")
     if not interval_s or not url.startswith(("redis://", "rediss://")):
         return None
     transport = app.conf.broker_transport_options or {}
+    grace = grace_s(transport.get("visibility_timeout", 3600))
+    keep_images = images.keep if isinstance(images, ImageStore) else None
+    if keep_images is not None and images.ttl_s <= grace + 2 * interval_s:
+        logger.warning(
+            "VLMQ_IMAGE_TTL_S=%d is not above the sweeper's grace (%g s) plus two sweeps: the "
+            "image of a task waiting that long can expire before the sweeper keeps it",
+            images.ttl_s, grace,
+        )  # fmt: skip
 
     def resend(entry: LedgerEntry) -> None:
         app.send_task(
@@ -312,7 +334,8 @@ def make_sweeper(app: Any, interval_s: float) -> Sweeper | None:
     return Sweeper(
         redis.Redis.from_url(url),
         resend,
-        grace_s=grace_s(transport.get("visibility_timeout", 3600)),
+        grace_s=grace,
         interval_s=interval_s,
         unacked_key=transport.get("unacked_key", "unacked"),
+        keep_images=keep_images,
     )
