@@ -244,3 +244,8 @@ def png_bytes(img: Image.Image) -> bytes:
 def unacked_count(client: redis.Redis) -> int:
     """Messages delivered to a worker and not yet acknowledged (kombu's ``unacked`` hash)."""
     return int(client.hlen("unacked"))
+
+
+def unacked_task_ids(client: redis.Redis) -> set[str]:
+    """The task ids of the messages in kombu's ``unacked`` hash."""
+    return {json.loads(raw)[0]["headers"]["id"] for raw in client.hvals("unacked")}
