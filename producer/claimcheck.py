@@ -90,14 +90,6 @@ class MemoryImageStore:
         self._data.update(zip(keys, items, strict=True))
         return keys
 
-    def keep(self, keys: Sequence[str]) -> list[bool]:
-        """Restart the TTL of the images under ``keys`` (one round trip); True for each one
-        still stored."""
-        with self._redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.expire(key, self.ttl_s)
-            return [bool(done) for done in pipe.execute()]
-
     def get(self, key: str) -> bytes:
         try:
             return self._data[key]
