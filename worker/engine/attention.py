@@ -22,7 +22,8 @@ def gqa_attention(
     """Masked attention with grouped KV heads, without repeating K/V.
 
     q [B, H, T, D]; k, v [B, Hkv, S, D] (any strides with a contiguous last dim); mask [B, T, S]
-    bool, True = attend, at least one True per row. Returns [B, T, H * D].
+    bool (True = attend, at least one True per row) or an additive bias in q's dtype (0 or
+    -inf). Returns [B, T, H * D].
 
     Query heads h = kv_head * group + g (HF's ``repeat_kv`` order), so the group of query heads of
     one KV head becomes extra query rows: q as [B, Hkv, group * T, D].
