@@ -25,8 +25,8 @@ class Settings:
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue: str = DEFAULT_QUEUE
-    image_ttl_s: int = 3600
-    visibility_timeout_s: int = 1200
+    image_ttl_s: int = 10800
+    visibility_timeout_s: int = 7200
     result_expires_s: int = 86400
     #: Tasks waiting in a queue beyond which producers get ``QueueFull``; 0: no limit.
     max_queue_depth: int = 0

@@ -10,8 +10,8 @@ def test_defaults() -> None:
     assert Settings.from_env({}) == Settings(
         redis_url="redis://127.0.0.1:6379/0",
         queue="vlmq",
-        image_ttl_s=3600,
-        visibility_timeout_s=1200,
+        image_ttl_s=10800,
+        visibility_timeout_s=7200,
         result_expires_s=86400,
     )
 
@@ -40,7 +40,7 @@ def test_from_env() -> None:
         ({"REDIS_URL": "redis://localhost:6379/zero"}, "database must be a number"),
         ({"REDIS_URL": "rediss://localhost:6380/0"}, "ssl_cert_reqs=required"),
         ({"VLMQ_IMAGE_TTL_S": "1h"}, "VLMQ_IMAGE_TTL_S must be an integer in >= 1"),
-        ({"VLMQ_VISIBILITY_TIMEOUT_S": "0"}, "VLMQ_VISIBILITY_TIMEOUT_S=1200"),
+        ({"VLMQ_VISIBILITY_TIMEOUT_S": "0"}, "VLMQ_VISIBILITY_TIMEOUT_S=7200"),
         ({"VLMQ_RESULT_EXPIRES_S": "-1"}, "VLMQ_RESULT_EXPIRES_S"),
     ],
 )

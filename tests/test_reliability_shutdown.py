@@ -18,7 +18,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_returns_the_rest(
     private_redis, result_writes, start_worker
 ):
     url = private_redis.url()
-    # The default visibility timeout (20 min): nothing here may wait for it.
+    # The default visibility timeout (2 h): nothing here may wait for it.
     settings = Settings(redis_url=url)
     client = Client(settings)
     env = {"REDIS_URL": url, "VLMQ_MAX_BATCH_SIZE": "8", "VLMQ_MAX_WAIT_MS": "50"}
