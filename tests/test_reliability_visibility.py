@@ -38,13 +38,20 @@ def test_long_generations_at_the_smallest_accepted_timeout_run_once(
     private_redis, result_writes, start_worker
 ):
     url = private_redis.url()
-    with pytest.raises(AssertionError) as refused:
-        start_worker(REDIS_URL=url, VLMQ_VISIBILITY_TIMEOUT_S="1", **LONG)
-    wanted = re.search(r"Set VLMQ_VISIBILITY_TIMEOUT_S=(\d+) or more", str(refused.value))
-    assert wanted, str(refused.value)[-2000:]
+    # What the worker asks for: in its refusal of 1 s, or, on a CPU fast enough that 1 s
+    # covers its longest batch, in the log line of its acceptance.
+    try:
+        probe = start_worker(REDIS_URL=url, VLMQ_VISIBILITY_TIMEOUT_S="1", **LONG)
+    except AssertionError as refused:
+        wanted = re.search(r"Set VLMQ_VISIBILITY_TIMEOUT_S=(\d+) or more", str(refused))
+        assert wanted, str(refused)[-2000:]
+    else:
+        wanted = re.search(r"unacked, about (\d+) s", probe.log())
+        assert wanted, probe.log()[-2000:]
+        probe.stop()
     # About the smallest timeout the worker accepts; two workers, so a message that
     # came back while still running would be taken and run again by the other one.
-    visibility_s = 2 * int(wanted.group(1)) + 2  # timings on a shared CPU vary
+    visibility_s = 2 * max(int(wanted.group(1)), 1) + 2  # timings on a shared CPU vary
     env = {"REDIS_URL": url, "VLMQ_VISIBILITY_TIMEOUT_S": str(visibility_s), **LONG}
     workers = [start_worker(**env), start_worker(**env)]
     client = Client(Settings(redis_url=url, visibility_timeout_s=visibility_s))
