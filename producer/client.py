@@ -24,7 +24,7 @@ from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
 from producer.images import ImageSource, decode_image, read_image_source
 from producer.ledger import Ledger, LedgerEntry
-from producer.protocol import TASK_NAME, AnalysisRequest, Limits, model_queue
+from producer.protocol import AnalysisRequest, Limits, model_queue
 from producer.queues import queue_depth
 from producer.results import AnalysisResult
 
@@ -327,15 +327,7 @@ class Client:
         try:
             with self.app.producer_or_acquire() as producer, producer.batch():
                 for entry in entries:
-                    self.app.send_task(
-                        TASK_NAME,
-                        kwargs=entry.kwargs,
-                        task_id=entry.task_id,
-                        queue=entry.queue,
-                        priority=entry.priority,
-                        expires=entry.expires,
-                        producer=producer,
-                    )
+                    entry.publish(self.app, producer)
         except Exception:
             # submit raises, so these tasks were not accepted: keep the sweeper from sending
             # them. Should Redis be gone this fails too, and a sweeper may run them later.

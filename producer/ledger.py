@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 
+from producer.protocol import TASK_NAME
+
 ENTRIES = "vlmq:ledger"
 SEEN = "vlmq:ledger:seen"
 #: How many tasks the sweepers have sent again, all workers together (an INCR counter).
@@ -37,6 +39,18 @@ class LedgerEntry:
     #: ISO 8601, exactly as the message's ``expires`` header; None: never expires.
     expires: str | None
     submitted_at: float  # epoch seconds
+
+    def publish(self, app: Any, producer: Any = None) -> None:
+        """Send this task's message with Celery ``app`` (through ``producer`` if given)."""
+        app.send_task(
+            TASK_NAME,
+            kwargs=self.kwargs,
+            task_id=self.task_id,
+            queue=self.queue,
+            priority=self.priority,
+            expires=self.expires,
+            producer=producer,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

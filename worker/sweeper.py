@@ -42,7 +42,6 @@ from celery import states
 
 from producer.claimcheck import ImageStore
 from producer.ledger import RESENT, Ledger, LedgerEntry
-from producer.protocol import TASK_NAME
 from producer.queues import priority_lists
 
 logger = logging.getLogger(__name__)
@@ -321,19 +320,9 @@ def make_sweeper(app: Any, interval_s: float, images: Any = None) -> Sweeper | N
             images.ttl_s, grace,
         )  # fmt: skip
 
-    def resend(entry: LedgerEntry) -> None:
-        app.send_task(
-            TASK_NAME,
-            kwargs=entry.kwargs,
-            task_id=entry.task_id,
-            queue=entry.queue,
-            priority=entry.priority,
-            expires=entry.expires,
-        )
-
     return Sweeper(
         redis.Redis.from_url(url),
-        resend,
+        lambda entry: entry.publish(app),
         grace_s=grace,
         interval_s=interval_s,
         unacked_key=transport.get("unacked_key", "unacked"),
