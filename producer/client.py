@@ -37,6 +37,10 @@ _NAMED_ERRORS = {
 }
 
 
+#: The longest one wait for a result listens before it reads the stored result again.
+RESULT_POLL_S = 2.0
+
+
 class TaskHandle:
     """A submitted task: its id, its state, and a way to wait for its result."""
 
@@ -65,15 +69,27 @@ class TaskHandle:
                 ``InvalidImage``), or a plain ``VlmqError`` describing any other failure
                 (revoked, expired, worker crash).
         """
-        try:
-            outcome = self._async.get(timeout=timeout, propagate=False)
-        except CeleryTimeoutError:
-            # Celery keeps a waiter that timed out registered until its task finishes; drop
-            # it so polling does not pile them up (and none is left for interpreter exit).
-            self._async.backend.remove_pending_result(self._async)
-            raise TimeoutError(
-                f"task {self.id} has not finished after {timeout:.3g} s (state {self.state})"
-            ) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = RESULT_POLL_S if deadline is None else deadline - time.monotonic()
+            try:
+                # Waited in slices: each get() reads the stored result once before it
+                # listens, so a notification the result subscriber misses (seen once: a
+                # 300 s wait on a task long in SUCCESS) costs a slice, not the timeout.
+                # (Celery takes a timeout of 0 as none at all.)
+                outcome = self._async.get(
+                    timeout=min(max(left, 0.01), RESULT_POLL_S), propagate=False
+                )
+                break
+            except CeleryTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    # Celery keeps a waiter that timed out registered until its task
+                    # finishes; drop it so polling does not pile them up.
+                    self._async.backend.remove_pending_result(self._async)
+                    raise TimeoutError(
+                        f"task {self.id} has not finished after {timeout:.3g} s "
+                        f"(state {self.state})"
+                    ) from None
         if isinstance(outcome, BaseException):
             raise _named_error(self.id, outcome) from outcome
         return AnalysisResult.from_dict(self.id, outcome)

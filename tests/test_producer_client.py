@@ -16,7 +16,7 @@ from PIL import Image
 import producer
 from producer import errors
 from producer.claimcheck import ImageStore
-from producer.client import Client, TaskHandle
+from producer.client import RESULT_POLL_S, Client, TaskHandle
 from producer.config import Settings
 from producer.protocol import TASK_NAME, AnalysisRequest, Limits
 from producer.results import AnalysisResult, CotStages, Timings
@@ -194,6 +194,27 @@ def test_result_of_a_finished_task(client: Client) -> None:
         assert other.handle(handle.id).result(timeout=5) == stored_result(handle.id)
     finally:
         other.close()
+
+
+def test_a_result_whose_notification_is_missed_is_found_by_the_next_read(
+    client: Client, r: redis.Redis
+) -> None:
+    handle = client.submit(png(), "What color?")
+    backend = client.app.backend
+    meta = backend.encode(
+        {"status": states.SUCCESS, "result": stored_result(handle.id).to_dict(),
+         "traceback": None, "children": [], "task_id": handle.id, "date_done": None}
+    )  # fmt: skip
+
+    def store_silently() -> None:
+        time.sleep(0.5)  # while result() listens
+        r.set(backend.get_key_for_task(handle.id), meta)  # a SET without its PUBLISH
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(store_silently)
+        started = time.monotonic()
+        assert handle.result(timeout=60) == stored_result(handle.id)
+    assert time.monotonic() - started < RESULT_POLL_S + 2
 
 
 @pytest.mark.parametrize(

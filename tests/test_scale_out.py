@@ -89,8 +89,13 @@ def test_vlmq_worker_gpus_starts_one_named_worker_per_gpu(redis_url, tiny_model_
         "VLMQ_MODEL": str(tiny_model_dir),
         "VLMQ_DEVICE": "cpu",
         "VLMQ_PRECISION": "fp32",
+        # As in the start_worker fixture: two workers timing their start-up batch on two
+        # shared cores with spinning torch threads once measured past the visibility timeout.
+        "VLMQ_MAX_BATCH_SIZE": "4",
+        "OMP_NUM_THREADS": "1",
     }
-    log = (tmp_path / "workers.log").open("wb")
+    log_path = tmp_path / "workers.log"
+    log = log_path.open("wb")
     argv = [sys.executable, "-c", "from producer.cli import main; raise SystemExit(main())"]
     parent = subprocess.Popen(
         [*argv, "worker", "--gpus", "0,1", "--loglevel", "warning"],
@@ -104,8 +109,9 @@ def test_vlmq_worker_gpus_starts_one_named_worker_per_gpu(redis_url, tiny_model_
         deadline = time.monotonic() + 90
         while len(names) < 2 and time.monotonic() < deadline:
             names = {name for reply in app.control.ping(timeout=1) for name in reply}
-        assert {n.split("@")[0] for n in names} == {"vlmq-gpu0", "vlmq-gpu1"}
+        assert {n.split("@")[0] for n in names} == {"vlmq-gpu0", "vlmq-gpu1"}, log_path.read_text()
     finally:
         parent.send_signal(signal.SIGTERM)
-        assert parent.wait(60) == 0
+        code = parent.wait(60)
         log.close()
+    assert code == 0, log_path.read_text()
