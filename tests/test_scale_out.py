@@ -9,7 +9,9 @@ import time
 from collections import Counter
 
 import pytest
+import redis
 from PIL import Image
+from reliability_support import unacked_task_ids
 
 from producer.client import Client
 from producer.config import Settings, make_celery_app
@@ -37,6 +39,25 @@ def test_two_workers_share_a_thousand_tasks(start_worker, redis_url):
     assert sum(done_by.values()) == 1000
     assert len(done_by) == 2, done_by  # both workers did work
     assert all(w.alive() for w in workers)
+
+
+def test_a_busy_worker_leaves_the_backlog_in_redis(
+    start_worker, redis_url, forced_length_model_dir
+):
+    slots = 4
+    start_worker(VLMQ_MODEL=str(forced_length_model_dir), VLMQ_MAX_BATCH_SIZE=str(slots))
+    client = Client(Settings.from_env({"REDIS_URL": redis_url}))
+    handles = client.submit_many(
+        {"image": image(i % 10), "question": f"Long {i}?", "max_new_tokens": 48} for i in range(40)
+    )
+    r = redis.Redis.from_url(redis_url)
+    held = []
+    while not handles[-1].ready():
+        held.append(len(unacked_task_ids(r)))
+        time.sleep(0.02)
+    assert all(h.result(timeout=60).answer_tokens == 48 for h in handles)
+    # Its slots and a quarter more (at least 2): the rest waited in Redis for other workers.
+    assert max(held) == slots + 2, Counter(held)
 
 
 def test_tasks_are_routed_by_served_model(start_worker, redis_url, tiny_model_dir):

@@ -11,9 +11,20 @@ def test_defaults_need_only_a_model():
     s = WorkerSettings.from_env({"VLMQ_MODEL": "meta-llama/Llama-3.2-11B-Vision-Instruct"})
     assert (s.precision, s.attn_implementation, s.device) == ("bf16", "sdpa", "cuda")
     assert s.engine == "continuous"
-    assert s.max_batch_size == 32 and s.prefetch_count == 64
+    assert s.max_batch_size == 32
     assert s.max_wait_s == 0.05
     assert s.sweep_interval_s == 30
+
+
+@pytest.mark.parametrize(
+    ("engine", "slots", "prefetch"),
+    [("continuous", 32, 40), ("continuous", 64, 80), ("continuous", 1, 3), ("batch", 32, 64)],
+)
+def test_prefetch_is_sized_from_the_slots(engine: str, slots: int, prefetch: int) -> None:
+    s = WorkerSettings.from_env(
+        {"VLMQ_MODEL": "m", "VLMQ_ENGINE": engine, "VLMQ_MAX_BATCH_SIZE": str(slots)}
+    )
+    assert s.prefetch_count == prefetch
 
 
 def test_values_are_parsed():

@@ -60,7 +60,14 @@ class WorkerSettings:
 
     @property
     def prefetch_count(self) -> int:
-        """Messages held unacked: two full batches, so the next one is ready on time."""
+        """Messages this worker holds unacked, running or buffered (fair share).
+
+        The continuous engine holds its slots and a quarter more: a slot that frees is filled
+        from the buffer at once, and the rest of the queue stays with Redis for idle workers.
+        The batch engine holds two full batches, so the next one is ready on time.
+        """
+        if self.engine == "continuous":
+            return self.max_batch_size + max(2, self.max_batch_size // 4)
         return 2 * self.max_batch_size
 
     @classmethod
