@@ -26,7 +26,18 @@ from transformers import (
 
 from bench import workload
 from bench.progress import log
-from worker.model.tiny import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, CORPUS, make_tiny_model
+from worker.model.tiny import (
+    BOS,
+    CHAT_TEMPLATE,
+    CLIP_MEAN,
+    CLIP_STD,
+    CORPUS,
+    EOT,
+    IMAGE,
+    PAD,
+    llama3_tokenizer,
+    make_tiny_model,
+)
 
 MODEL_KINDS = ("11b", "mini", "tiny")
 TILE_SIZES = {"11b": 560, "mini": 560, "tiny": 56}
@@ -34,7 +45,6 @@ MARKER = "bench_model.json"
 
 # Llama 3's layout: 128000 BPE ids, then 256 special ids, then <|image|> = 128256.
 BPE_VOCAB = 128000
-BOS, EOT, PAD, IMAGE = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", "<|image|>"
 _NAMED_SPECIALS = {
     128000: BOS,
     128001: "<|end_of_text|>",
@@ -105,14 +115,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.add_special_tokens([AddedToken(t, special=True) for t in [*special_tokens(), IMAGE]])
     if tokenizer.token_to_id(IMAGE) != TEXT_VOCAB or tokenizer.token_to_id(BOS) != BPE_VOCAB:
         raise RuntimeError("bench tokenizer: special token ids do not follow Llama 3's layout")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOT,
-        pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    return llama3_tokenizer(tokenizer)
 
 
 def build_processor(tile_size: int = 560) -> MllamaProcessor:

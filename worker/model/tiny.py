@@ -120,6 +120,12 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
         pair=f"{BOS} $A {BOS} $B",
         special_tokens=[(BOS, tokenizer.token_to_id(BOS))],
     )
+    return llama3_tokenizer(tokenizer)
+
+
+def llama3_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tokenizer`` as transformers' fast tokenizer with Llama 3's begin-of-text, end-of-turn
+    and pad tokens and Llama 3.2 Vision's chat template."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,
