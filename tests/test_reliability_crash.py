@@ -42,14 +42,19 @@ def test_sigkill_mid_batch_loses_nothing_and_writes_each_result_once(
     r = private_redis.client()
 
     def mid_batch() -> bool:
-        # Every message is taken (the queue is empty), and some task has reached the model
-        # (its attempt is counted) but has no result yet: a batch is running. A kill while
-        # the worker is still fetching could lose the message in flight (kombu pops with
-        # BRPOP, then records it as unacked) until the sweeper sends it again, a grace later:
-        # test_reliability_fetch_window.py covers that.
+        # Every message is taken (the queue is empty) and recorded as unacked, and some task
+        # has reached the model (its attempt is counted) but has no result yet: a batch is
+        # running. A kill while the worker is still fetching could lose the message in flight
+        # (kombu pops with BRPOP, then records it as unacked) until the sweeper sends it
+        # again, a grace later: test_reliability_fetch_window.py covers that.
         done = set(result_writes.counts())
         running = [i for i in ids if i not in done and r.exists(f"vlmq:attempts:{i}")]
-        return r.llen(settings.queue) == 0 and len(done) >= 8 and bool(running)
+        return (
+            r.llen(settings.queue) == 0
+            and len(done) >= 8
+            and bool(running)
+            and set(ids) - done <= unacked_task_ids(r)
+        )
 
     wait_for(mid_batch, 60, "no batch was seen running after the queue was drained", 0.01)
     worker.stop(signal.SIGKILL)
