@@ -58,6 +58,8 @@ def test_a_busy_worker_leaves_the_backlog_in_redis(
     assert all(h.result(timeout=60).answer_tokens == 48 for h in handles)
     # Its slots and a quarter more (at least 2): the rest waited in Redis for other workers.
     assert max(held) == slots + 2, Counter(held)
+    r.close()
+    client.close()
 
 
 def test_tasks_are_routed_by_served_model(start_worker, redis_url, tiny_model_dir):
@@ -111,7 +113,7 @@ def test_vlmq_worker_gpus_starts_one_named_worker_per_gpu(redis_url, tiny_model_
         "VLMQ_DEVICE": "cpu",
         "VLMQ_PRECISION": "fp32",
         # As in the start_worker fixture: two workers timing their start-up batch on two
-        # shared cores with spinning torch threads once measured past the visibility timeout.
+        # shared cores with spinning torch threads can measure past the visibility timeout.
         "VLMQ_MAX_BATCH_SIZE": "4",
         "OMP_NUM_THREADS": "1",
     }
