@@ -84,6 +84,19 @@ def summarize_run(run: dict, window: Callable[[float, float], dict] | None = Non
         # Rows of the engine's decode steps (each admitted request's first token is prefill's).
         mean_batch = (engine["tokens"] - engine["admitted"]) / engine["decode_steps"]
         out["engine_step_ms"] = engine["decode_ms"] / engine["decode_steps"]
+        if engine.get("longest_decode_gap_ms") is not None:
+            out["longest_decode_gap_ms"] = engine["longest_decode_gap_ms"]
+            out["longest_decode_gap_steps"] = (
+                engine["longest_decode_gap_ms"] / out["engine_step_ms"]
+            )
+    if engine.get("admitted") and engine.get("vision_ms") is not None:
+        # Per admitted request: GPU time of each admission phase, and host launch time.
+        out["admission_ms"] = {
+            phase: engine[key] / engine["admitted"]
+            for phase, key in (("vision", "vision_ms"), ("projector_cross_kv", "cross_kv_ms"),
+                               ("text_prefill", "text_prefill_ms"),
+                               ("host", "admission_host_ms"))
+        }  # fmt: skip
     out.update(
         duration_s=duration,
         output_tokens=tokens,

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-wait-ms", type=int, default=50, help="the batcher's wait when idle")
     p.add_argument(
+        "--padding-tiles",
+        choices=["encode", "skip"],
+        default=os.environ.get("VLMQ_PADDING_TILES", "encode"),
+        help="the worker's VLMQ_PADDING_TILES, for every mode that runs the worker's engine",
+    )
+    p.add_argument(
         "--closed-window-s",
         type=float,
         help="arrivals of the engine's saturating closed loop (c, d, quantized) last this long "
@@ -341,6 +347,7 @@ class Bench:
             device="cuda" if on_cuda else "cpu",
             max_batch_size=slots,
             max_wait_ms=self.args.max_wait_ms,
+            padding_tiles=self.args.padding_tiles,
             limits=self.limits,
         )
 
@@ -1267,6 +1274,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _defaults(build_parser().parse_args(argv))
+    os.environ["VLMQ_PADDING_TILES"] = args.padding_tiles  # the worker of (d) reads it too
 
     def on_term(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)

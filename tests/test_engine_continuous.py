@@ -272,16 +272,16 @@ def test_bad_request_fails_alone(loaded, monkeypatch):
     engine.submit("unreadable", GenerationRequest("not an image", "Describe.", 5))  # type: ignore[arg-type]
     # A request that breaks its own prefill: the batched prefill fails, then it fails alone.
     poison = GenerationRequest(Image.new("RGB", (70, 70), (1, 2, 3)), "Describe.", 5)
-    import worker.engine.engine as engine_module
+    from worker.engine.images import ImageEncoder
 
-    real_encode = engine_module.encode_images
+    real_encode = ImageEncoder.encode
 
-    def encode(parts, pixel_values, *args):
-        if (pixel_values[:, 0].flatten(2).std(dim=2).amax(dim=1) == 0).any():
+    def encode(self, jobs):
+        if any(job.prepared.pixel_values[0].flatten(1).std(dim=1).amax() == 0 for job in jobs):
             raise RuntimeError("poisoned image")
-        return real_encode(parts, pixel_values, *args)
+        return real_encode(self, jobs)
 
-    monkeypatch.setattr(engine_module, "encode_images", encode)
+    monkeypatch.setattr(ImageEncoder, "encode", encode)
     engine.submit("poison", poison)
     for key, request in good.items():
         engine.submit(key, request)

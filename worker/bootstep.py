@@ -149,6 +149,7 @@ def load_executor(
             max_slots=settings.max_batch_size,
             max_seq_len=settings.limits.max_new_tokens + PROMPT_TOKENS,
             cuda_graphs=graphs,
+            skip_padding_tiles=settings.padding_tiles == "skip",
         )
         logger.info(
             "Engine ready in %.1f s: %d slots of %d tokens",

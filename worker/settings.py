@@ -29,8 +29,11 @@ class WorkerSettings:
     flash_attention_2), ``DEVICE`` (cuda, cpu), ``ENGINE`` (continuous: iteration-level
     batching over slots with CUDA-graph decode; batch: one transformers ``generate`` per
     batch), ``MAX_BATCH_SIZE`` (requests computed together: the engine's slots),
-    ``MAX_WAIT_MS``,
-    ``WARMUP`` (1/0), ``MAX_ATTEMPTS`` (runs of a task that may end without a result —
+    ``MAX_WAIT_MS``, ``PADDING_TILES`` (encode: the vision tower encodes every image as
+    ``max_tiles`` tiles, as HF and the trained model do; skip: the real tiles only, a one-tile
+    image about a quarter of the cost, outputs of images of fewer tiles change, see
+    :mod:`worker.engine.vision`), ``WARMUP`` (1/0), ``MAX_ATTEMPTS`` (runs of a task that may
+    end without a result —
     a worker crash — before it fails as ``ModelError``), ``SWEEP_INTERVAL_S`` (how often
     the sweeper looks for accepted tasks whose message was lost, :mod:`worker.sweeper`; 0:
     never), plus the request limits of
@@ -42,6 +45,7 @@ class WorkerSettings:
     attn_implementation: str = "sdpa"
     device: str = "cuda"
     engine: str = "continuous"
+    padding_tiles: str = "encode"
     max_batch_size: int = 32
     max_wait_ms: int = 50
     warmup: bool = True
@@ -96,6 +100,7 @@ class WorkerSettings:
             attn_implementation=_choice(env, "VLMQ_ATTN", "sdpa", ATTENTION),
             device=device,
             engine=_choice(env, "VLMQ_ENGINE", "continuous", ENGINES),
+            padding_tiles=_choice(env, "VLMQ_PADDING_TILES", "encode", ("encode", "skip")),
             max_batch_size=env_int(env, "VLMQ_MAX_BATCH_SIZE", 32, low=1, high=1024),
             max_wait_ms=env_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
             warmup=warmup in ("1", "true", "yes"),

@@ -10,28 +10,37 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, ProcessorMixin
 
 from worker.engine.decode import DecodeStep
 from worker.engine.graphs import DecodeGraphs, batch_buckets, length_buckets, pick
+from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
 from worker.engine.inputs import PreparedRequest, prepare_request
 from worker.engine.parts import MllamaParts
-from worker.engine.prefill import cross_masks, encode_images, prefill_text, write_cross_kv
+from worker.engine.prefill import cross_masks, prefill_text
 from worker.engine.sampling import sample
 from worker.engine.slots import SlotCache, plan_capacity
 from worker.model.runner import Generation, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
-# Requests prefilled together at most (their vision encoding runs in chunks of VISION_BATCH).
+# Requests admitted together at most (their images encode in chunks of VISION_BATCHES sizes).
 MAX_PREFILL_BATCH = 8
+# Text prefill never uses cuDNN attention: it builds a plan for each new prompt width.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
 class EngineStats:
     """Cumulative counters; read deltas between two moments."""
 
-    prefill_ms: float = 0.0  # vision encoding, cross K/V and prompt prefill, first token included
+    prefill_ms: float = 0.0  # wall time of admission on the engine thread (overlapped work not)
+    vision_ms: float = 0.0  # GPU time of the vision tower
+    cross_kv_ms: float = 0.0  # GPU time of the projector and the cross K/V projections
+    text_prefill_ms: float = 0.0  # GPU time of the prompts' prefill and first-token sampling
+    admission_host_ms: float = 0.0  # host time launching admissions (no GPU wait)
+    longest_decode_gap_ms: float = 0.0  # longest time between two decode steps of running rows
     decode_ms: float = 0.0
     decode_steps: int = 0
     tokens: int = 0  # generated tokens, first tokens included
@@ -56,6 +65,21 @@ class _Waiting:
     key: str
     request: GenerationRequest
     prepared: PreparedRequest
+    aborted: bool = False
+
+
+@dataclass
+class _Admission:
+    """Requests whose images are being encoded into their reserved slots on the side stream."""
+
+    batch: list[_Waiting]
+    slots: list[int]
+    clocks: list[PhaseClock]
+    ready: torch.cuda.Event | None  # None: the work is already done (CPU)
+    host_ms: float
+
+    def done(self) -> bool:
+        return self.ready is None or self.ready.query()
 
 
 @dataclass
@@ -75,9 +99,11 @@ class ContinuousEngine:
     """Iteration-level batching of Mllama requests over fixed slots, decode in CUDA graphs.
 
     ``submit`` queues requests (from any thread); ``step`` (from one thread) admits waiting
-    requests into free slots with one batched prefill, runs one decode step for every active
-    slot and returns the requests that finished. ``max_slots`` / ``max_seq_len`` default to what
-    ``memory_fraction`` of the free GPU memory holds (8 slots of 512 tokens on CPU).
+    requests into free slots, runs one decode step for every active slot and returns the
+    requests that finished. On CUDA an admission's images are encoded on a side stream while
+    the running rows keep decoding; its prompts are prefilled in the first step after that.
+    ``max_slots`` / ``max_seq_len`` default to what ``memory_fraction`` of the free GPU memory
+    holds (8 slots of 512 tokens on CPU). ``skip_padding_tiles``: see ``worker.engine.vision``.
     """
 
     def __init__(
@@ -90,6 +116,7 @@ class ContinuousEngine:
         cuda_graphs: bool = True,
         compiled: bool = True,
         memory_fraction: float = 0.9,
+        skip_padding_tiles: bool = False,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -123,8 +150,14 @@ class ContinuousEngine:
             length_buckets(self.max_seq_len),
             use_graphs=cuda_graphs and self.device.type == "cuda",
         )
+        self.images = ImageEncoder(
+            self.parts, self.cache, skip_padding_tiles=skip_padding_tiles, cuda_graphs=cuda_graphs
+        )
         with torch.inference_mode():
             self._graphs.capture()
+            self.images.capture()
+        cuda = self.device.type == "cuda"
+        self._side_stream = torch.cuda.Stream(self.device) if cuda else None
         logger.info(
             "engine: %d slots x %d tokens, %.2f GiB of caches, graphs %s",
             self.max_slots, self.max_seq_len, self.cache.nbytes / 2**30, self._graphs.use_graphs,
@@ -133,22 +166,26 @@ class ContinuousEngine:
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: deque[_Waiting] = deque()
-        self._failed: list[FinishedRequest] = []
+        # Finished outside a decode step: failed at submit or admission, or done at the first token.
+        self._returned: list[FinishedRequest] = []
         self._keys: set[str] = set()
         self._slots: list[_Running | None] = [None] * self.max_slots
+        self._reserved: set[int] = set()  # slots of the admission in flight
+        self._admission: _Admission | None = None
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
+        self._last_decode: float | None = None  # when the last decode step with rows ended
 
     # -- public API -----------------------------------------------------------------------
 
     @property
     def graph_capture_s(self) -> float:
-        """Seconds the start-up graph capture took (0 without graphs)."""
-        return self._graphs.capture_s
+        """Seconds the start-up graph capture took, decode and vision (0 without graphs)."""
+        return self._graphs.capture_s + self.images.graphs.capture_s
 
     @property
     def free_slots(self) -> int:
-        """Slots no running request holds."""
-        return self.max_slots - self.active
+        """Slots no running request holds and no admission has reserved."""
+        return self.max_slots - self.active - len(self._reserved)
 
     @property
     def active(self) -> int:
@@ -159,11 +196,12 @@ class ContinuousEngine:
     def waiting(self) -> int:
         """Requests submitted but not admitted yet, failed ones still to be returned included."""
         with self._lock:
-            return len(self._waiting) + len(self._failed)
+            return len(self._waiting) + len(self._returned)
 
     def has_work(self) -> bool:
-        """Whether any request is waiting, running, or failed and not yet returned."""
-        return self.active > 0 or self.waiting > 0
+        """Whether any request is waiting, being admitted, running, or failed and not yet
+        returned."""
+        return self.active > 0 or self.waiting > 0 or self._admission is not None
 
     def submit(self, key: str, request: GenerationRequest) -> None:
         """Queue ``request`` under ``key`` (unique among requests in the engine).
@@ -182,7 +220,7 @@ class ContinuousEngine:
             prepared = prepare_request(self.processor, request)
         except Exception as exc:
             with self._lock:
-                self._failed.append(FinishedRequest(key=key, error=exc))
+                self._returned.append(FinishedRequest(key=key, error=exc))
             return
         needed = prepared.prompt_tokens + request.max_new_tokens
         if needed > self.max_seq_len:
@@ -201,8 +239,11 @@ class ContinuousEngine:
         keys = set(keys)
         with self._lock:
             self._waiting = deque(w for w in self._waiting if w.key not in keys)
-            self._failed = [f for f in self._failed if f.key not in keys]
+            self._returned = [f for f in self._returned if f.key not in keys]
             self._keys -= keys
+        if self._admission is not None:
+            for waiting in self._admission.batch:
+                waiting.aborted = waiting.aborted or waiting.key in keys
         for slot, running in enumerate(self._slots):
             if running is not None and running.key in keys:
                 self._slots[slot] = None
@@ -231,47 +272,123 @@ class ContinuousEngine:
 
     def step_outputs(self) -> list[FinishedRequest]:
         """``step`` with token ids instead of decoded text."""
-        with self._lock:
-            finished, self._failed = self._failed, []
         with torch.inference_mode():
-            finished += self._admit()
-            if self.active:
-                finished += self._decode()
+            self._admit()
+            finished = self._decode() if self.active else []
             self._compact()
         with self._lock:
+            finished, self._returned = self._returned + finished, []
             self._keys.difference_update(f.key for f in finished)
         self.stats.finished += len(finished)
         return finished
 
     # -- admission --------------------------------------------------------------------------
 
-    def _admit(self) -> list[FinishedRequest]:
-        with self._lock:
-            count = min(self.free_slots, MAX_PREFILL_BATCH, len(self._waiting))
-            batch = [self._waiting.popleft() for _ in range(count)]
-        if not batch:
-            return []
-        slots = self._allocate(batch)
+    def _admit(self) -> None:
+        """Finish the admission in flight once its images are in (at once if nothing decodes
+        meanwhile), then start the next one."""
         start = time.perf_counter()
-        try:
-            finished = self._prefill(batch, slots)
-        except Exception as exc:
-            if len(batch) == 1:
-                finished = [FinishedRequest(key=batch[0].key, error=exc)]
-            else:
-                logger.exception("batched prefill of %d failed; retrying one by one", len(batch))
-                finished = []
-                for waiting, slot in zip(batch, slots, strict=True):
-                    try:
-                        finished += self._prefill([waiting], [slot])
-                    except Exception as one_exc:
-                        finished.append(FinishedRequest(key=waiting.key, error=one_exc))
+        admission = self._admission
+        if admission is not None and (not self.active or admission.done()):
+            self._admission = None
+            self._finish_admission(admission)
+        if self._admission is None:
+            with self._lock:
+                count = min(self.free_slots, MAX_PREFILL_BATCH, len(self._waiting))
+                batch = [self._waiting.popleft() for _ in range(count)]
+            admission = self._start_admission(batch) if batch else None
+            if admission is not None:
+                if self.active:
+                    self._admission = admission
+                else:
+                    self._finish_admission(admission)
         self.stats.prefill_ms += (time.perf_counter() - start) * 1000.0
-        return finished
+
+    def _start_admission(self, batch: list[_Waiting]) -> _Admission | None:
+        """Reserve slots and launch the batch's image work; None if it failed (handled)."""
+        start = time.perf_counter()
+        slots = self._allocate(batch)
+        self._reserved.update(slots)
+        try:
+            jobs = self._reuse_cross_kv(batch, slots)
+            side = self._side_stream
+            if side is None:
+                clocks = self.images.encode(jobs)
+                return _Admission(batch, slots, clocks, None, _ms_since(start))
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                clocks = self.images.encode(jobs)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            return _Admission(batch, slots, clocks, ready, _ms_since(start))
+        except Exception as exc:
+            self._release(slots)
+            self._failed_admission(batch, exc)
+            return None
+
+    def _failed_admission(self, batch: list[_Waiting], exc: Exception) -> None:
+        """A batch whose admission raised: a lone request fails with the exception, a batch
+        is admitted again at once, one request at a time, so only the culprit fails."""
+        if len(batch) == 1:
+            with self._lock:
+                self._returned.append(FinishedRequest(key=batch[0].key, error=exc))
+            return
+        logger.exception("batched admission of %d failed; retrying one by one", len(batch))
+        for waiting in batch:
+            admission = self._start_admission([waiting])
+            if admission is not None:
+                self._finish_admission(admission)
+
+    def _finish_admission(self, admission: _Admission) -> None:
+        """Prefill the prompts of an admission whose cross K/V are (being) written, sample
+        their first tokens and give them their slots."""
+        start = time.perf_counter()
+        live = [(w, s) for w, s in zip(admission.batch, admission.slots, strict=True)
+                if not w.aborted]  # fmt: skip
+        self._release([s for w, s in zip(admission.batch, admission.slots, strict=True)
+                       if w.aborted])  # fmt: skip
+        if not live:
+            self._reserved.difference_update(admission.slots)
+            return
+        batch, slots = [w for w, _ in live], [s for _, s in live]
+        clock = PhaseClock(self.device)
+        try:
+            if admission.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(admission.ready)
+            clock.mark("start")
+            first = self._launch_prefill(batch, slots)
+            clock.mark("end")
+            host_ms = _ms_since(start)
+            first_tokens = first.tolist()  # the one sync; may raise, so before taking any slot
+        except Exception as exc:
+            self._release(slots)
+            self._failed_admission(batch, exc)
+            return
+        self._reserved.difference_update(admission.slots)
+        stats = self.stats
+        stats.vision_ms += sum(c.ms("start", "vision_end") for c in admission.clocks)
+        stats.cross_kv_ms += sum(c.ms("vision_end", "end") for c in admission.clocks)
+        stats.text_prefill_ms += clock.ms("start", "end")
+        stats.admission_host_ms += admission.host_ms + host_ms
+        for waiting, slot, token in zip(batch, slots, first_tokens, strict=True):
+            running = _Running(waiting.key, waiting.request, waiting.prepared.prompt_tokens, [])
+            self._slots[slot] = running
+            stats.admitted += 1
+            done = self._append(slot, running, token)
+            if done is not None:
+                with self._lock:
+                    self._returned.append(done)
+
+    def _release(self, slots: list[int]) -> None:
+        """Give back reserved slots whose admission will not complete."""
+        for slot in slots:
+            self._reserved.discard(slot)
+            self._resident[slot] = None
+            self.cache.release(slot)
 
     def _allocate(self, batch: list[_Waiting]) -> list[int]:
         """A free slot per request: one that already holds its image if any, else the lowest."""
-        free = [i for i, slot in enumerate(self._slots) if slot is None]
+        free = [i for i, slot in enumerate(self._slots) if slot is None and i not in self._reserved]
         chosen = []
         for waiting in batch:
             holding = [i for i in free if self._resident[i] == waiting.prepared.image_key]
@@ -280,26 +397,16 @@ class ContinuousEngine:
             chosen.append(slot)
         return chosen
 
-    def _prefill(self, batch: list[_Waiting], slots: list[int]) -> list[FinishedRequest]:
-        try:
-            self._load_cross_kv(batch, slots)
-            return self._prefill_prompts(batch, slots)
-        except Exception:
-            # Nothing was admitted (slots are only taken once all device work is done).
-            for slot in slots:
-                self._resident[slot] = None
-                self.cache.release(slot)
-            raise
-
-    def _load_cross_kv(self, batch: list[_Waiting], slots: list[int]) -> None:
-        """Put each request's image cross K/V in its slot: already there, copied from another
-        resident slot, or encoded (once per distinct image in the batch)."""
+    def _reuse_cross_kv(self, batch: list[_Waiting], slots: list[int]) -> list[ImageJob]:
+        """Give each slot its image's cross K/V where they are resident (in place, or copied
+        from another slot on the current stream); return the images still to encode."""
         taken = set(slots)
         groups: dict[str, list[int]] = {}
+        prepared_of = {}
         for waiting, slot in zip(batch, slots, strict=True):
             groups.setdefault(waiting.prepared.image_key, []).append(slot)
-        to_encode: list[tuple[PreparedRequest, list[int]]] = []
-        prepared_of = {w.prepared.image_key: w.prepared for w in batch}
+            prepared_of[waiting.prepared.image_key] = waiting.prepared
+        jobs = []
         for key, group in groups.items():
             source = next((s for s in group if self._resident[s] == key), None)
             if source is None:
@@ -308,47 +415,41 @@ class ContinuousEngine:
                     (s for s, k in enumerate(self._resident) if k == key and s not in taken), None
                 )
             if source is None:
-                to_encode.append((prepared_of[key], group))
+                jobs.append(ImageJob(prepared_of[key], tuple(group)))
+                for slot in group:
+                    self._resident[slot] = key
                 continue
             for slot in group:
                 if slot != source:
                     self.cache.copy_cross(source, slot)
+                self._resident[slot] = key
             self.stats.images_reused += len(group)
-        for _, group in to_encode:
-            for slot in group:
-                self._resident[slot] = None
-        if to_encode:
-            images = [prepared for prepared, _ in to_encode]
-            states = encode_images(
-                self.parts,
-                torch.stack([p.pixel_values for p in images]),
-                torch.tensor([p.aspect_ratio_id for p in images]),
-                torch.stack([p.aspect_ratio_mask for p in images]),
-            )
-            rows = [i for i, (_, group) in enumerate(to_encode) for _ in group]
-            targets = [slot for _, group in to_encode for slot in group]
-            write_cross_kv(
-                self.parts,
-                self.cache,
-                states[torch.tensor(rows, device=self.device)],
-                torch.tensor(targets, device=self.device),
-            )
-            self.stats.images_encoded += len(images)
-            self.stats.images_reused += len(targets) - len(images)
-        for waiting, slot in zip(batch, slots, strict=True):
-            self._resident[slot] = waiting.prepared.image_key
+        self.stats.images_encoded += len(jobs)
+        self.stats.images_reused += sum(len(job.slots) - 1 for job in jobs)
+        return jobs
 
-    def _prefill_prompts(self, batch: list[_Waiting], slots: list[int]) -> list[FinishedRequest]:
+    def _unseen(self, prepared: PreparedRequest) -> torch.Tensor:
+        """The tiles a prompt token that sees no tile attends to (see ``cross_masks``)."""
+        if self.images.skip_padding_tiles:
+            return prepared.aspect_ratio_mask.to(torch.bool)
+        return torch.ones_like(prepared.aspect_ratio_mask, dtype=torch.bool)
+
+    def _launch_prefill(self, batch: list[_Waiting], slots: list[int]) -> torch.Tensor:
+        """Prefill the prompts into their slots, set the slots' decode state; returns the
+        first tokens [A] on the device (not synced)."""
         cache = self.cache
         slot_index = torch.tensor(slots, device=self.device)
-        logits = prefill_text(
-            self.parts,
-            cache,
-            self._rope,
-            slot_index,
-            [w.prepared.input_ids for w in batch],
-            [w.prepared.cross_rows for w in batch],
-        )
+        unseen = torch.stack([self._unseen(w.prepared) for w in batch])
+        with sdpa_kernel(PREFILL_BACKENDS):
+            logits = prefill_text(
+                self.parts,
+                cache,
+                self._rope,
+                slot_index,
+                [w.prepared.input_ids for w in batch],
+                [w.prepared.cross_rows for w in batch],
+                unseen,
+            )
         requests = [w.request for w in batch]
         greedy = torch.tensor([r.temperature == 0 for r in requests], device=self.device)
         temperature = torch.tensor([float(r.temperature) for r in requests], device=self.device)
@@ -364,7 +465,7 @@ class ContinuousEngine:
         # Decode rows see what the last prompt token saw (HF repeats the last mask row).
         last_rows = torch.stack([w.prepared.cross_rows[-1] for w in batch]).to(self.device)
         cross_mask, row_gate = cross_masks(
-            last_rows, self.parts.geometry.num_patches, self.parts.dtype
+            last_rows, unseen.to(self.device), self.parts.geometry.num_patches, self.parts.dtype
         )
         cache.cross_mask[slot_index] = cross_mask
         cache.row_gate[slot_index] = row_gate
@@ -376,17 +477,7 @@ class ContinuousEngine:
         cache.greedy[slot_index] = greedy
         cache.temperature[slot_index] = temperature
         cache.top_p[slot_index] = top_p
-
-        first_tokens = first.tolist()  # the one sync; may raise, so before taking any slot
-        finished = []
-        for waiting, slot, token in zip(batch, slots, first_tokens, strict=True):
-            running = _Running(waiting.key, waiting.request, waiting.prepared.prompt_tokens, [])
-            self._slots[slot] = running
-            self.stats.admitted += 1
-            done = self._append(slot, running, token)
-            if done is not None:
-                finished.append(done)
-        return finished
+        return first
 
     # -- decode -----------------------------------------------------------------------------
 
@@ -415,8 +506,14 @@ class ContinuousEngine:
             done = self._append(index, running, host_tokens[index])
             if done is not None:
                 finished.append(done)
-        self.stats.decode_steps += 1
-        self.stats.decode_ms += (time.perf_counter() - start) * 1000.0
+        end = time.perf_counter()
+        stats = self.stats
+        stats.decode_steps += 1
+        stats.decode_ms += (end - start) * 1000.0
+        if self._last_decode is not None:
+            gap_ms = (end - self._last_decode) * 1000.0
+            stats.longest_decode_gap_ms = max(stats.longest_decode_gap_ms, gap_ms)
+        self._last_decode = end if self.active else None
         return finished
 
     def _append(self, slot: int, running: _Running, token: int) -> FinishedRequest | None:
@@ -435,11 +532,18 @@ class ContinuousEngine:
         buckets = self._graphs.rows
         while True:
             live = [i for i, slot in enumerate(self._slots) if slot is not None]
-            if not live or pick(buckets, live[-1] + 1) <= pick(buckets, len(live)):
+            held = len(live) + len(self._reserved)
+            if not live or pick(buckets, live[-1] + 1) <= pick(buckets, held):
                 return
             src = live[-1]
-            dst = next(i for i, slot in enumerate(self._slots) if slot is None)
+            dst = next(
+                i for i, slot in enumerate(self._slots) if slot is None and i not in self._reserved
+            )
             running = self._slots[src]
             self.cache.move(src, dst, running.position)
             self._slots[dst], self._slots[src] = running, None
             self._resident[dst] = self._resident[src]
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

@@ -35,7 +35,7 @@ def _plain(*modules: nn.Module) -> bool:
     return all(type(m) is nn.Linear and m.bias is None for m in modules)
 
 
-def _fuse(*linears: nn.Linear) -> torch.Tensor:
+def concat_linears(*linears: nn.Linear) -> torch.Tensor:
     """Concatenate the weights along the output dim and re-point each Linear at its rows."""
     fused = torch.cat([lin.weight.data for lin in linears])
     start = 0
@@ -64,8 +64,9 @@ def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[
         qkv = None
         if i not in cross_layers:
             attn = layer.self_attn
-            qkv = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-        fused.append(FusedLayer(qkv=qkv, gate_up=_fuse(layer.mlp.gate_proj, layer.mlp.up_proj)))
+            qkv = concat_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up = concat_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
+        fused.append(FusedLayer(qkv=qkv, gate_up=gate_up))
     return fused
 
 

@@ -1,4 +1,4 @@
-"""Prefill of newly admitted requests: vision encoding, cross K/V, then the prompt, batched.
+"""Text prefill of newly admitted requests (their cross K/V already in their slots), batched.
 
 Prompts are right-padded, so every row's positions start at 0 and its real tokens land at cache
 indices 0..n-1 of its slot, the same as HF's unpadded single-request run.
@@ -12,60 +12,24 @@ import torch
 
 from worker.engine.attention import apply_rope, gqa_attention
 from worker.engine.parts import MllamaParts
-from worker.engine.slots import VISION_BATCH, SlotCache
-
-
-def encode_images(
-    parts: MllamaParts,
-    pixel_values: torch.Tensor,
-    aspect_ratio_ids: torch.Tensor,
-    aspect_ratio_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Vision tower and projector: [U, tiles, 3, H, W] -> cross-attention states [U, C, hidden].
-
-    Padding tiles are encoded too, as HF does: prompt tokens before the image attend to them.
-    """
-    states = []
-    for start in range(0, pixel_values.shape[0], VISION_BATCH):
-        end = start + VISION_BATCH
-        out = parts.vision(
-            pixel_values=pixel_values[start:end, None].to(parts.device, parts.dtype),
-            aspect_ratio_ids=aspect_ratio_ids[start:end, None].to(parts.device),
-            aspect_ratio_mask=aspect_ratio_mask[start:end, None].to(parts.device),
-        )
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        projected = parts.projector(hidden)  # [u, 1, tiles, patches, hidden]
-        states.append(projected.reshape(projected.shape[0], -1, projected.shape[-1]))
-    return torch.cat(states)
-
-
-def write_cross_kv(
-    parts: MllamaParts, cache: SlotCache, states: torch.Tensor, slots: torch.Tensor
-) -> None:
-    """Project vision states [U, C, hidden] to each cross layer's K/V, into ``slots`` [U]."""
-    g = parts.geometry
-    count, length, _ = states.shape
-    for index, layer_index in enumerate(g.cross_layers):
-        attn = parts.layers[layer_index].cross_attn
-        k = attn.k_proj(states).view(count, length, g.num_kv_heads, g.head_dim)
-        v = attn.v_proj(states).view(count, length, g.num_kv_heads, g.head_dim)
-        cache.cross_k[index, slots] = attn.k_norm(k)
-        cache.cross_v[index, slots] = v
+from worker.engine.slots import SlotCache
 
 
 def cross_masks(
-    rows: torch.Tensor, num_patches: int, dtype: torch.dtype
+    rows: torch.Tensor, unseen: torch.Tensor, num_patches: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The processor's per-token tile rows [..., tiles] as an attention mask [..., tiles*P] and
     HF's full-text-row gate [..., 1].
 
     HF quirk kept on purpose: a token that sees no tile (before the image) gets an all-zero
     additive mask, so it attends to every vision token, padding tiles included; only its
-    cross-attention MLP output is zeroed by the gate.
+    cross-attention MLP output is zeroed by the gate. ``unseen`` [..., tiles] (broadcast) says
+    which tiles such a token attends to: all of them as HF does, or the real ones only where
+    padding tiles were never encoded.
     """
     sees_any = rows.any(dim=-1, keepdim=True)
-    mask = rows.repeat_interleave(num_patches, dim=-1) | ~sees_any
-    return mask, sees_any.to(dtype)
+    visible = torch.where(sees_any, rows, unseen)
+    return visible.repeat_interleave(num_patches, dim=-1), sees_any.to(dtype)
 
 
 def prefill_text(
@@ -75,10 +39,12 @@ def prefill_text(
     slots: torch.Tensor,
     prompts: Sequence[Sequence[int]],
     cross_rows: Sequence[torch.Tensor],
+    unseen: torch.Tensor,
 ) -> torch.Tensor:
     """Run the prompts through the decoder, writing their self K/V into ``slots``.
 
-    Cross K/V must already be in the slots. Returns the logits of each prompt's last token [A, V].
+    Cross K/V must already be in the slots; ``unseen`` [A, tiles] as in :func:`cross_masks`.
+    Returns the logits of each prompt's last token [A, V].
     """
     g = parts.geometry
     device = parts.device
@@ -98,7 +64,7 @@ def prefill_text(
     positions = torch.arange(width, device=device)
     real = positions[None, :] < lengths[:, None]  # [A, T]
     self_mask = (positions[None, :] <= positions[:, None])[None] & real[:, None, :]
-    cross_mask, row_gate = cross_masks(rows, g.num_patches, parts.dtype)
+    cross_mask, row_gate = cross_masks(rows, unseen.to(device)[:, None], g.num_patches, parts.dtype)
     cos, sin = rope[0][:width], rope[1][:width]
     # Where each real token's self K/V goes: (slot, position), in row-major order of `real`.
     write_slots = slots[:, None].expand(count, width)[real]

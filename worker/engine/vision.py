@@ -1,0 +1,249 @@
+"""The vision tower without a dense mask: tiles bucketed, one CUDA graph per bucket.
+
+HF's ``MllamaVisionModel`` pads every image to ``max_tiles`` tiles of ``P + pad`` tokens (1601 + 7
+on the real model) and builds a dense ``(tiles * (P + pad))^2`` additive mask that masks only
+pairs of two padding tokens: a real token attends to every token, a padding token (a padding
+tile's or a padding patch's) to the real tokens only. That mask keeps SDPA off its flash path.
+
+Here the tokens of an image are ordered real first: ``R = n * P`` real tokens (the ``n`` real
+tiles), then the padding tiles' patches, then every encoded tile's padding patches. Attention
+is then two unmasked SDPA calls per layer: the first ``R`` queries over all keys, the rest over
+the first ``R`` keys. Every per-token operation is order-independent, so this computes HF's
+function exactly (up to float summation order).
+
+``skip_padding_tiles`` encodes the real tiles only (their padding patches kept): a one-tile
+image then costs about a sixteenth of the attention and a quarter of the GEMMs of a four-tile
+one. It changes the function for images of fewer tiles than ``max_tiles``: their real tokens
+no longer see the padding tiles' tokens (the trained model did), and prompt tokens before the
+image see the real tiles only. Four-tile images are encoded exactly as HF does either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.engine.fused import concat_linears
+
+logger = logging.getLogger(__name__)
+
+#: Images per vision call; a group of one tile count runs in chunks of these sizes.
+VISION_BATCHES = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """Token counts of one image with ``tiles`` real tiles, ``encoded`` tiles encoded."""
+
+    tiles: int
+    encoded: int
+    patches: int  # P: tokens per tile, class token included
+    padding: int  # padding patches per tile
+
+    @property
+    def real(self) -> int:
+        """Queries that attend to every key: the real tiles' patches."""
+        return self.tiles * self.patches
+
+    @property
+    def outputs(self) -> int:
+        """Tokens kept as cross-attention states: every encoded tile's patches."""
+        return self.encoded * self.patches
+
+    @property
+    def length(self) -> int:
+        return self.encoded * (self.patches + self.padding)
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: int) -> torch.Tensor:
+    """HF's tile-padding attention without its mask. q, k, v [B, S, H, D], real tokens first;
+    queries ``:real`` see every key, the others the first ``real`` keys. Returns [B, S, H * D]."""
+    batch, length, heads, dim = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if real == length:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(q[:, :, :real], k, v),
+                F.scaled_dot_product_attention(q[:, :, real:], k[:, :, :real], v[:, :, :real]),
+            ],
+            dim=2,
+        )
+    return out.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+class VisionTower:
+    """Callable ``(pixel_values [B, max_tiles, 3, H, W], aspect_ratio_ids [B], tiles)`` ->
+    vision states [B, encoded * P, vision_output_dim] (the projector's input), for B images of
+    ``tiles`` real tiles each. Runs the HF modules' own weights (q/k/v concatenated in place)."""
+
+    def __init__(self, vision: nn.Module, *, skip_padding_tiles: bool) -> None:
+        self.vision = vision
+        self.skip_padding_tiles = skip_padding_tiles
+        config = vision.config
+        self.max_tiles = config.max_num_tiles
+        self.patches = (config.image_size // config.patch_size) ** 2 + 1
+        self.padding = (8 - self.patches % 8) % 8
+        self.heads = config.attention_heads
+        self.taps = tuple(config.intermediate_layers_indices)
+        self.layers = [*vision.transformer.layers, *vision.global_transformer.layers]
+        self.local_layers = len(vision.transformer.layers)
+        self.qkv = [self._qkv_weight(layer.self_attn) for layer in self.layers]
+
+    @staticmethod
+    def _qkv_weight(attn: nn.Module) -> torch.Tensor | None:
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if all(type(m) is nn.Linear and m.bias is None for m in linears):
+            return concat_linears(*linears)
+        return None
+
+    def shape(self, tiles: int) -> VisionShape:
+        encoded = tiles if self.skip_padding_tiles else self.max_tiles
+        return VisionShape(tiles, encoded, self.patches, self.padding)
+
+    def _embed(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, encoded: int):
+        """HF's patch, class and tile embeddings then ``layernorm_pre``: [B, encoded, P, dim]."""
+        v = self.vision
+        batch, dim, tiles = pixel_values.shape[0], v.hidden_size, self.max_tiles
+        conv = v.patch_embedding
+        pixels = pixel_values[:, :encoded].flatten(0, 1).to(conv.weight.device, conv.weight.dtype)
+        x = conv(pixels).flatten(2).transpose(1, 2).reshape(batch, encoded, -1, dim)
+        pre = v.pre_tile_positional_embedding
+        x = x + pre.embedding(aspect_ratio_ids).view(batch, tiles, 1, dim)[:, :encoded] * (
+            pre.gate.tanh()
+        )
+        x = torch.cat([v.class_embedding.expand(batch, encoded, 1, dim).to(x.dtype), x], dim=2)
+        pos = v.gated_positional_embedding
+        gate = pos.gate.tanh()
+        x = x + ((1 - gate) * pos.embedding)
+        tile_pos = pos.tile_embedding(aspect_ratio_ids).view(batch, tiles, self.patches, dim)
+        x = x + gate * tile_pos[:, :encoded]
+        return v.layernorm_pre(x)
+
+    def _layer(self, index: int, x: torch.Tensor, real: int) -> torch.Tensor:
+        layer = self.layers[index]
+        attn = layer.self_attn
+        batch, length, _ = x.shape
+        h = layer.input_layernorm(x)
+        qkv = self.qkv[index]
+        if qkv is not None:
+            q, k, v = F.linear(h, qkv).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = (t.reshape(batch, length, self.heads, -1) for t in (q, k, v))
+        out = attn.o_proj(split_attention(q, k, v, real))
+        if layer.is_gated:
+            out = layer.gate_attn.tanh() * out
+        x = x + out
+        out = layer.mlp(layer.post_attention_layernorm(x))
+        if layer.is_gated:
+            out = layer.gate_ffn.tanh() * out
+        return x + out
+
+    def __call__(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, tiles: int
+    ) -> torch.Tensor:
+        shape = self.shape(tiles)
+        v = self.vision
+        batch, dim = pixel_values.shape[0], v.hidden_size
+        embedded = self._embed(pixel_values, aspect_ratio_ids, shape.encoded)
+        pad = embedded.new_zeros(batch, shape.encoded * self.padding, dim)
+        x = torch.cat([embedded.reshape(batch, shape.outputs, dim), pad], dim=1)
+        taps = []
+        for index in range(self.local_layers):
+            x = self._layer(index, x, shape.real)
+            if index in self.taps:
+                taps.append(x[:, : shape.outputs])
+        x = v.layernorm_post(x)
+        post = v.post_tile_positional_embedding
+        tile_emb = post.embedding(aspect_ratio_ids).view(batch, self.max_tiles, 1, dim)
+        tile_emb = (tile_emb * post.gate.tanh())[:, : shape.encoded]
+        per_token = torch.cat(
+            [
+                tile_emb.expand(batch, shape.encoded, self.patches, dim).reshape(batch, -1, dim),
+                tile_emb.expand(batch, shape.encoded, self.padding, dim).reshape(batch, -1, dim),
+            ],
+            dim=1,
+        )
+        x = x + per_token
+        for index in range(self.local_layers, len(self.layers)):
+            x = self._layer(index, x, shape.real)
+        # HF's layout: the last state, then the taps interleaved per channel (stack on dim -1).
+        return torch.cat([x[:, : shape.outputs], torch.stack(taps, dim=-1).flatten(-2)], dim=-1)
+
+
+class VisionGraphs:
+    """Runs a :class:`VisionTower` per (tiles, batch) bucket, replaying CUDA graphs on CUDA.
+
+    The graphs are captured at start-up on their own memory pool, so a replay on a side stream
+    may overlap decode graphs. The output of a replay is overwritten by the next one.
+    """
+
+    def __init__(self, tower: VisionTower, *, use_graphs: bool) -> None:
+        self.tower = tower
+        self.use_graphs = use_graphs
+        self.capture_s = 0.0
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pixels: torch.Tensor | None = None
+        self._ratios: torch.Tensor | None = None
+
+    def capture(self, image_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Capture every bucket (all tile counts, every batch size), largest first."""
+        if not self.use_graphs:
+            return
+        start = time.perf_counter()
+        tiles = self.tower.max_tiles
+        biggest = max(VISION_BATCHES)
+        self._pixels = torch.zeros(biggest, tiles, 3, image_size, image_size, dtype=dtype,
+                                   device=device)  # fmt: skip
+        self._ratios = torch.ones(biggest, dtype=torch.long, device=device)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for count in reversed(VISION_BATCHES):
+                for real in range(tiles, 0, -1):
+                    args = (self._pixels[:count], self._ratios[:count], real)
+                    self.tower(*args)  # warm-up: kernel selection off-graph
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        out = self.tower(*args)
+                    self._graphs[(real, count)] = (graph, out)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - start
+        logger.info(
+            "captured %d vision graphs (tiles 1-%d x batches %s) in %.1f s",
+            len(self._graphs), tiles, VISION_BATCHES, self.capture_s,
+        )  # fmt: skip
+
+    def run(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, tiles: int
+    ) -> torch.Tensor:
+        """States [B, encoded * P, vision_output_dim] of B (a VISION_BATCHES size) images of
+        ``tiles`` real tiles each."""
+        count = pixel_values.shape[0]
+        if not self.use_graphs:
+            return self.tower(pixel_values, aspect_ratio_ids, tiles)
+        assert self._pixels is not None and self._ratios is not None
+        self._pixels[:count].copy_(pixel_values, non_blocking=True)
+        self._ratios[:count].copy_(aspect_ratio_ids, non_blocking=True)
+        graph, out = self._graphs[(tiles, count)]
+        graph.replay()
+        return out
+
+
+def batch_sizes(count: int) -> list[int]:
+    """Split ``count`` images into VISION_BATCHES sizes, largest first (7 -> 4, 2, 1)."""
+    sizes = []
+    for size in sorted(VISION_BATCHES, reverse=True):
+        while count >= size:
+            sizes.append(size)
+            count -= size
+    return sizes
