@@ -7,7 +7,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from worker.engine.decode import DecodeStep
 from worker.engine.graphs import DecodeGraphs, batch_buckets, length_buckets, pick
 from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
-from worker.engine.inputs import PreparedRequest, prepare_request
+from worker.engine.inputs import PreparedRequest, prepare_request, to_device
 from worker.engine.parts import MllamaParts
 from worker.engine.prefill import cross_masks, prefill_text
 from worker.engine.sampling import sample
@@ -69,12 +69,29 @@ class _Waiting:
 
 
 @dataclass
+class _NewRows:
+    """Decode state of admitted requests: computed where they were prefilled, installed in the
+    slot buffers on the decode stream."""
+
+    slots: torch.Tensor
+    first: torch.Tensor  # first tokens
+    positions: torch.Tensor
+    cross_mask: torch.Tensor
+    row_gate: torch.Tensor
+    greedy: torch.Tensor
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+
+
+@dataclass
 class _Admission:
-    """Requests whose images are being encoded into their reserved slots on the side stream."""
+    """Requests being admitted into reserved slots: on CUDA, their images are encoded and their
+    prompts prefilled on a side stream while decode steps go on."""
 
     batch: list[_Waiting]
     slots: list[int]
-    clocks: list[PhaseClock]
+    rows: _NewRows
+    clocks: list[PhaseClock]  # per image chunk, then the text prefill's
     ready: torch.cuda.Event | None  # None: the work is already done (CPU)
     host_ms: float
 
@@ -218,6 +235,12 @@ class ContinuousEngine:
             self._keys.add(key)
         try:
             prepared = prepare_request(self.processor, request)
+            # In the compute dtype and pinned here, off the engine thread: the engine's copy
+            # to the GPU then never blocks it.
+            pixels = prepared.pixel_values.to(self.parts.dtype)
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory()
+            prepared = replace(prepared, pixel_values=pixels)
         except Exception as exc:
             with self._lock:
                 self._returned.append(FinishedRequest(key=key, error=exc))
@@ -305,7 +328,8 @@ class ContinuousEngine:
         self.stats.prefill_ms += (time.perf_counter() - start) * 1000.0
 
     def _start_admission(self, batch: list[_Waiting]) -> _Admission | None:
-        """Reserve slots and launch the batch's image work; None if it failed (handled)."""
+        """Reserve slots and launch the batch's images and prompts; None if it failed (then
+        handled)."""
         start = time.perf_counter()
         slots = self._allocate(batch)
         self._reserved.update(slots)
@@ -313,18 +337,30 @@ class ContinuousEngine:
             jobs = self._reuse_cross_kv(batch, slots)
             side = self._side_stream
             if side is None:
-                clocks = self.images.encode(jobs)
-                return _Admission(batch, slots, clocks, None, _ms_since(start))
+                clocks, rows = self._launch_admission(batch, slots, jobs)
+                return _Admission(batch, slots, rows, clocks, None, _ms_since(start))
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                clocks = self.images.encode(jobs)
+                clocks, rows = self._launch_admission(batch, slots, jobs)
                 ready = torch.cuda.Event()
                 ready.record(side)
-            return _Admission(batch, slots, clocks, ready, _ms_since(start))
+            return _Admission(batch, slots, rows, clocks, ready, _ms_since(start))
         except Exception as exc:
             self._release(slots)
             self._failed_admission(batch, exc)
             return None
+
+    def _launch_admission(
+        self, batch: list[_Waiting], slots: list[int], jobs: list[ImageJob]
+    ) -> tuple[list[PhaseClock], _NewRows]:
+        """Images then prompts, on the current stream. Writes only the reserved slots' K/V:
+        decode steps running meanwhile never read or write those (inactive rows)."""
+        clocks = self.images.encode(jobs)
+        clock = PhaseClock(self.device)
+        clock.mark("start")
+        rows = self._launch_prefill(batch, slots)
+        clock.mark("end")
+        return [*clocks, clock], rows
 
     def _failed_admission(self, batch: list[_Waiting], exc: Exception) -> None:
         """A batch whose admission raised: a lone request fails with the exception, a batch
@@ -340,37 +376,34 @@ class ContinuousEngine:
                 self._finish_admission(admission)
 
     def _finish_admission(self, admission: _Admission) -> None:
-        """Prefill the prompts of an admission whose cross K/V are (being) written, sample
-        their first tokens and give them their slots."""
+        """Install the decode state of an admission whose work is done (or queued before on the
+        decode stream), read the first tokens and give the requests their slots."""
         start = time.perf_counter()
-        live = [(w, s) for w, s in zip(admission.batch, admission.slots, strict=True)
-                if not w.aborted]  # fmt: skip
-        self._release([s for w, s in zip(admission.batch, admission.slots, strict=True)
-                       if w.aborted])  # fmt: skip
-        if not live:
-            self._reserved.difference_update(admission.slots)
-            return
-        batch, slots = [w for w, _ in live], [s for _, s in live]
-        clock = PhaseClock(self.device)
+        batch, slots = admission.batch, admission.slots
         try:
             if admission.ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(admission.ready)
-            clock.mark("start")
-            first = self._launch_prefill(batch, slots)
-            clock.mark("end")
+                main = torch.cuda.current_stream(self.device)
+                main.wait_event(admission.ready)
+                for tensor in vars(admission.rows).values():
+                    tensor.record_stream(main)  # made on the side stream, read here
+            self._install(admission.rows)
             host_ms = _ms_since(start)
-            first_tokens = first.tolist()  # the one sync; may raise, so before taking any slot
+            first_tokens = admission.rows.first.tolist()  # the one sync; may raise
         except Exception as exc:
             self._release(slots)
-            self._failed_admission(batch, exc)
+            self._failed_admission([w for w in batch if not w.aborted], exc)
             return
-        self._reserved.difference_update(admission.slots)
+        self._reserved.difference_update(slots)
+        self._release([s for w, s in zip(batch, slots, strict=True) if w.aborted])
         stats = self.stats
-        stats.vision_ms += sum(c.ms("start", "vision_end") for c in admission.clocks)
-        stats.cross_kv_ms += sum(c.ms("vision_end", "end") for c in admission.clocks)
-        stats.text_prefill_ms += clock.ms("start", "end")
+        *chunks, text = admission.clocks
+        stats.vision_ms += sum(c.ms("start", "vision_end") for c in chunks)
+        stats.cross_kv_ms += sum(c.ms("vision_end", "end") for c in chunks)
+        stats.text_prefill_ms += text.ms("start", "end")
         stats.admission_host_ms += admission.host_ms + host_ms
         for waiting, slot, token in zip(batch, slots, first_tokens, strict=True):
+            if waiting.aborted:
+                continue
             running = _Running(waiting.key, waiting.request, waiting.prepared.prompt_tokens, [])
             self._slots[slot] = running
             stats.admitted += 1
@@ -434,16 +467,16 @@ class ContinuousEngine:
             return prepared.aspect_ratio_mask.to(torch.bool)
         return torch.ones_like(prepared.aspect_ratio_mask, dtype=torch.bool)
 
-    def _launch_prefill(self, batch: list[_Waiting], slots: list[int]) -> torch.Tensor:
-        """Prefill the prompts into their slots, set the slots' decode state; returns the
-        first tokens [A] on the device (not synced)."""
-        cache = self.cache
-        slot_index = torch.tensor(slots, device=self.device)
+    def _launch_prefill(self, batch: list[_Waiting], slots: list[int]) -> _NewRows:
+        """Prefill the prompts into their slots' K/V and sample their first tokens (not
+        synced); the decode state to install once they join the decode batch."""
+        device = self.device
+        slot_index = to_device(torch.tensor(slots), device)
         unseen = torch.stack([self._unseen(w.prepared) for w in batch])
         with sdpa_kernel(PREFILL_BACKENDS):
             logits = prefill_text(
                 self.parts,
-                cache,
+                self.cache,
                 self._rope,
                 slot_index,
                 [w.prepared.input_ids for w in batch],
@@ -451,9 +484,9 @@ class ContinuousEngine:
                 unseen,
             )
         requests = [w.request for w in batch]
-        greedy = torch.tensor([r.temperature == 0 for r in requests], device=self.device)
-        temperature = torch.tensor([float(r.temperature) for r in requests], device=self.device)
-        top_p = torch.tensor([float(r.top_p) for r in requests], device=self.device)
+        greedy = to_device(torch.tensor([r.temperature == 0 for r in requests]), device)
+        temperature = to_device(torch.tensor([float(r.temperature) for r in requests]), device)
+        top_p = to_device(torch.tensor([float(r.top_p) for r in requests]), device)
         first = sample(
             logits,
             greedy,
@@ -463,21 +496,25 @@ class ContinuousEngine:
             any_top_p=any(r.temperature != 0 and r.top_p < 1.0 for r in requests),
         )
         # Decode rows see what the last prompt token saw (HF repeats the last mask row).
-        last_rows = torch.stack([w.prepared.cross_rows[-1] for w in batch]).to(self.device)
+        last_rows = to_device(torch.stack([w.prepared.cross_rows[-1] for w in batch]), device)
         cross_mask, row_gate = cross_masks(
-            last_rows, unseen.to(self.device), self.parts.geometry.num_patches, self.parts.dtype
+            last_rows, to_device(unseen, device), self.parts.geometry.num_patches, self.parts.dtype
         )
-        cache.cross_mask[slot_index] = cross_mask
-        cache.row_gate[slot_index] = row_gate
-        cache.tokens[slot_index] = first
-        cache.positions[slot_index] = torch.tensor(
-            [w.prepared.prompt_tokens for w in batch], device=self.device
+        positions = to_device(torch.tensor([w.prepared.prompt_tokens for w in batch]), device)
+        return _NewRows(
+            slot_index, first, positions, cross_mask, row_gate, greedy, temperature, top_p
         )
-        cache.active[slot_index] = 1
-        cache.greedy[slot_index] = greedy
-        cache.temperature[slot_index] = temperature
-        cache.top_p[slot_index] = top_p
-        return first
+
+    def _install(self, rows: _NewRows) -> None:
+        cache, index = self.cache, rows.slots
+        cache.cross_mask[index] = rows.cross_mask
+        cache.row_gate[index] = rows.row_gate
+        cache.tokens[index] = rows.first
+        cache.positions[index] = rows.positions
+        cache.active[index] = 1
+        cache.greedy[index] = rows.greedy
+        cache.temperature[index] = rows.temperature
+        cache.top_p[index] = rows.top_p
 
     # -- decode -----------------------------------------------------------------------------
 

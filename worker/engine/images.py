@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.fused import concat_linears, rms_norm
-from worker.engine.inputs import PreparedRequest
+from worker.engine.inputs import PreparedRequest, to_device
 from worker.engine.parts import MllamaParts
 from worker.engine.slots import SlotCache
 from worker.engine.vision import VisionGraphs, VisionTower, batch_sizes
@@ -117,7 +117,6 @@ class ImageEncoder:
     def encode(self, jobs: Sequence[ImageJob]) -> list[PhaseClock]:
         """Encode ``jobs`` into their slots; one clock per chunk, marked ``start``,
         ``vision_end`` (tower done) and ``end`` (projector and K/V written)."""
-        device, cache = self.parts.device, self.cache
         by_tiles: dict[int, list[ImageJob]] = {}
         for job in jobs:
             by_tiles.setdefault(job.tiles, []).append(job)
@@ -125,22 +124,25 @@ class ImageEncoder:
         for tiles, group in sorted(by_tiles.items()):
             start = 0
             for size in batch_sizes(len(group)):
-                chunk = group[start : start + size]
+                clocks.append(self._encode_chunk(group[start : start + size], tiles))
                 start += size
-                clock = PhaseClock(device)
-                clock.mark("start")
-                pixels = torch.stack([job.prepared.pixel_values for job in chunk]).to(device)
-                ratios = torch.tensor([job.prepared.aspect_ratio_id for job in chunk]).to(device)
-                states = self.graphs.run(pixels, ratios, tiles)
-                clock.mark("vision_end")
-                k, v = self.project(states)
-                rows = [i for i, job in enumerate(chunk) for _ in job.slots]
-                slots = [slot for job in chunk for slot in job.slots]
-                rows_t = torch.tensor(rows, device=device)
-                slots_t = torch.tensor(slots, device=device)
-                length = k.shape[2]
-                cache.cross_k[:, slots_t, :length] = k[:, rows_t]
-                cache.cross_v[:, slots_t, :length] = v[:, rows_t]
-                clock.mark("end")
-                clocks.append(clock)
         return clocks
+
+    def _encode_chunk(self, chunk: Sequence[ImageJob], tiles: int) -> PhaseClock:
+        device, cache = self.parts.device, self.cache
+        clock = PhaseClock(device)
+        clock.mark("start")
+        pixels = torch.stack([to_device(job.prepared.pixel_values, device) for job in chunk])
+        ratios = to_device(torch.tensor([job.prepared.aspect_ratio_id for job in chunk]), device)
+        states = self.graphs.run(pixels, ratios, tiles)
+        clock.mark("vision_end")
+        k, v = self.project(states)
+        # Chunk row of each receiving slot: one image may go to several slots.
+        rows = torch.tensor([i for i, job in enumerate(chunk) for _ in job.slots])
+        slots = torch.tensor([slot for job in chunk for slot in job.slots])
+        rows, slots = to_device(rows, device), to_device(slots, device)
+        length = k.shape[2]
+        cache.cross_k[:, slots, :length] = k[:, rows]
+        cache.cross_v[:, slots, :length] = v[:, rows]
+        clock.mark("end")
+        return clock

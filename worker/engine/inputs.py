@@ -27,6 +27,14 @@ class PreparedRequest:
         return len(self.input_ids)
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without blocking the calling thread: a blocking copy would wait
+    for every kernel queued on the stream, decode steps and image encoding included."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def image_key(image: object) -> str:
     """A hash of the image's pixels, mode and size."""
     digest = hashlib.blake2b(digest_size=16)

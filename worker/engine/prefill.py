@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from worker.engine.attention import apply_rope, gqa_attention
+from worker.engine.inputs import to_device
 from worker.engine.parts import MllamaParts
 from worker.engine.slots import SlotCache
 
@@ -57,18 +58,21 @@ def prefill_text(
     for i, (prompt, row) in enumerate(zip(prompts, cross_rows, strict=True)):
         input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         rows[i, : len(prompt)] = row
-    input_ids = input_ids.to(device)
-    rows = rows.to(device)
-    lengths = torch.tensor(lengths_list, device=device)
+    input_ids = to_device(input_ids, device)
+    rows = to_device(rows, device)
+    lengths = to_device(torch.tensor(lengths_list), device)
 
     positions = torch.arange(width, device=device)
     real = positions[None, :] < lengths[:, None]  # [A, T]
     self_mask = (positions[None, :] <= positions[:, None])[None] & real[:, None, :]
-    cross_mask, row_gate = cross_masks(rows, unseen.to(device)[:, None], g.num_patches, parts.dtype)
+    cross_mask, row_gate = cross_masks(
+        rows, to_device(unseen, device)[:, None], g.num_patches, parts.dtype
+    )
     cos, sin = rope[0][:width], rope[1][:width]
-    # Where each real token's self K/V goes: (slot, position), in row-major order of `real`.
-    write_slots = slots[:, None].expand(count, width)[real]
-    write_positions = positions[None, :].expand(count, width)[real]
+    # Every row writes all ``width`` positions of its slot (no data-dependent indexing, so no
+    # host sync): K/V past a prompt's end are masked in decode until decode overwrites them.
+    write_slots = slots[:, None].expand(count, width)
+    write_positions = positions[None, :].expand(count, width)
 
     hidden = parts.embed_tokens(input_ids)
     for layer_index, layer in enumerate(parts.layers):
@@ -93,8 +97,8 @@ def prefill_text(
             v = attn.v_proj(x).view(count, width, g.num_kv_heads, g.head_dim).transpose(1, 2)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-            cache.self_k[index].index_put_((write_slots, write_positions), k.transpose(1, 2)[real])
-            cache.self_v[index].index_put_((write_slots, write_positions), v.transpose(1, 2)[real])
+            cache.self_k[index].index_put_((write_slots, write_positions), k.transpose(1, 2))
+            cache.self_v[index].index_put_((write_slots, write_positions), v.transpose(1, 2))
             hidden = hidden + attn.o_proj(gqa_attention(q, k, v, self_mask, attn.scaling))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 

@@ -123,7 +123,11 @@ class SlotCache:
         self.cross_v = torch.zeros_like(self.cross_k)
         # Decode inputs, one row per slot.
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_slots, dtype=torch.long, device=device)
+        # An inactive row decodes at the last position, which no request's K/V ever uses (the
+        # last generated token is never fed back): its garbage K/V write there cannot clobber
+        # a prompt being prefilled into that slot meanwhile on another stream.
+        self.parking = max_seq_len - 1
+        self.positions = torch.full((max_slots,), self.parking, dtype=torch.long, device=device)
         self.active = torch.zeros(max_slots, dtype=torch.long, device=device)
         # All True on a fresh slot: a fully masked row would give NaN even on padded rows.
         self.cross_mask = torch.ones(max_slots, g.cross_len, dtype=torch.bool, device=device)
@@ -146,7 +150,7 @@ class SlotCache:
     def release(self, slot: int) -> None:
         """Make a finished slot an inert padded row (its cross K/V stay, for reuse)."""
         self.active[slot] = 0
-        self.positions[slot] = 0
+        self.positions[slot] = self.parking
         self.greedy[slot] = True
 
     def copy_cross(self, src: int, dst: int) -> None:
