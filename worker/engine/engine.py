@@ -6,7 +6,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -90,10 +91,10 @@ class _Admission:
 
     batch: list[_Waiting]
     slots: list[int]
-    rows: _NewRows
     clocks: list[PhaseClock]  # per image chunk, then the text prefill's
-    ready: torch.cuda.Event | None  # None: the work is already done (CPU)
+    ready: torch.cuda.Event | None  # the work launched so far is done; None: done (CPU)
     host_ms: float
+    rows: _NewRows | None = None  # set once the prompts are launched
 
     def done(self) -> bool:
         return self.ready is None or self.ready.query()
@@ -308,59 +309,80 @@ class ContinuousEngine:
     # -- admission --------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Finish the admission in flight once its images are in (at once if nothing decodes
-        meanwhile), then start the next one."""
+        """Move the admission in flight on (its images, then its prompts, then its slots) as far
+        as its GPU work allows without waiting while rows decode, and start the next one. With
+        nothing decoding, admission runs to completion at once."""
         start = time.perf_counter()
-        admission = self._admission
-        if admission is not None and (not self.active or admission.done()):
+        while True:
+            if self._admission is None:
+                with self._lock:
+                    count = min(self.free_slots, MAX_PREFILL_BATCH, len(self._waiting))
+                    batch = [self._waiting.popleft() for _ in range(count)]
+                if not batch:
+                    break
+                self._admission = self._start_admission(batch)
+                if self._admission is None:
+                    continue  # failed, and its requests are dealt with
+            if not self._advance(self._admission, wait=not self.active):
+                break
             self._admission = None
-            self._finish_admission(admission)
-        if self._admission is None:
-            with self._lock:
-                count = min(self.free_slots, MAX_PREFILL_BATCH, len(self._waiting))
-                batch = [self._waiting.popleft() for _ in range(count)]
-            admission = self._start_admission(batch) if batch else None
-            if admission is not None:
-                if self.active:
-                    self._admission = admission
-                else:
-                    self._finish_admission(admission)
-        self.stats.prefill_ms += (time.perf_counter() - start) * 1000.0
+            if self.active:
+                break  # the next admission starts in the next step, beside its decode
+        self.stats.prefill_ms += _ms_since(start)
 
     def _start_admission(self, batch: list[_Waiting]) -> _Admission | None:
-        """Reserve slots and launch the batch's images and prompts; None if it failed (then
-        handled)."""
+        """Reserve slots and launch the batch's images; None if it failed (then handled)."""
         start = time.perf_counter()
         slots = self._allocate(batch)
         self._reserved.update(slots)
         try:
             jobs = self._reuse_cross_kv(batch, slots)
-            side = self._side_stream
-            if side is None:
-                clocks, rows = self._launch_admission(batch, slots, jobs)
-                return _Admission(batch, slots, rows, clocks, None, _ms_since(start))
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                clocks, rows = self._launch_admission(batch, slots, jobs)
-                ready = torch.cuda.Event()
-                ready.record(side)
-            return _Admission(batch, slots, rows, clocks, ready, _ms_since(start))
+            with self._on_side_stream() as side:
+                clocks = self.images.encode(jobs)
+                ready = _record(side)
+            return _Admission(batch, slots, clocks, ready, _ms_since(start))
         except Exception as exc:
             self._release(slots)
             self._failed_admission(batch, exc)
             return None
 
-    def _launch_admission(
-        self, batch: list[_Waiting], slots: list[int], jobs: list[ImageJob]
-    ) -> tuple[list[PhaseClock], _NewRows]:
-        """Images then prompts, on the current stream. Writes only the reserved slots' K/V:
-        decode steps running meanwhile never read or write those (inactive rows)."""
-        clocks = self.images.encode(jobs)
-        clock = PhaseClock(self.device)
-        clock.mark("start")
-        rows = self._launch_prefill(batch, slots)
-        clock.mark("end")
-        return [*clocks, clock], rows
+    @contextmanager
+    def _on_side_stream(self) -> Iterator[torch.cuda.Stream | None]:
+        """Run admission work on the side stream (after what the decode stream queued so far:
+        slot copies), or inline on the CPU."""
+        side = self._side_stream
+        if side is None:
+            yield None
+            return
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            yield side
+
+    def _advance(self, admission: _Admission, *, wait: bool) -> bool:
+        """Launch the prompts once the images are in, install the slots once the prompts are
+        in; True when the admission is over (its requests decode, or failed)."""
+        if not (wait or admission.done()):
+            return False
+        if admission.rows is None:
+            start = time.perf_counter()
+            batch = [w for w in admission.batch if not w.aborted]
+            try:
+                with self._on_side_stream() as side:
+                    clock = PhaseClock(self.device)
+                    clock.mark("start")
+                    admission.rows = self._launch_prefill(admission.batch, admission.slots)
+                    clock.mark("end")
+                    admission.ready = _record(side)
+            except Exception as exc:
+                self._release(admission.slots)
+                self._failed_admission(batch, exc)
+                return True
+            admission.clocks.append(clock)
+            admission.host_ms += _ms_since(start)
+            if not (wait or admission.done()):
+                return False
+        self._finish_admission(admission)
+        return True
 
     def _failed_admission(self, batch: list[_Waiting], exc: Exception) -> None:
         """A batch whose admission raised: a lone request fails with the exception, a batch
@@ -373,13 +395,14 @@ class ContinuousEngine:
         for waiting in batch:
             admission = self._start_admission([waiting])
             if admission is not None:
-                self._finish_admission(admission)
+                self._advance(admission, wait=True)
 
     def _finish_admission(self, admission: _Admission) -> None:
         """Install the decode state of an admission whose work is done (or queued before on the
         decode stream), read the first tokens and give the requests their slots."""
         start = time.perf_counter()
         batch, slots = admission.batch, admission.slots
+        assert admission.rows is not None
         try:
             if admission.ready is not None:
                 main = torch.cuda.current_stream(self.device)
@@ -584,3 +607,12 @@ class ContinuousEngine:
 
 def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
+
+
+def _record(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    """An event marking what ``stream`` has queued so far (None without a stream)."""
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event

@@ -66,16 +66,19 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: int
     batch, length, heads, dim = q.shape
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if real == length:
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     else:
+        # Concatenated along the tokens of [B, S, H, D]: one copy into the layout o_proj reads.
         out = torch.cat(
             [
-                F.scaled_dot_product_attention(q[:, :, :real], k, v),
-                F.scaled_dot_product_attention(q[:, :, real:], k[:, :, :real], v[:, :, :real]),
+                F.scaled_dot_product_attention(q[:, :, :real], k, v).transpose(1, 2),
+                F.scaled_dot_product_attention(
+                    q[:, :, real:], k[:, :, :real], v[:, :, :real]
+                ).transpose(1, 2),
             ],
-            dim=2,
+            dim=1,
         )
-    return out.transpose(1, 2).reshape(batch, length, heads * dim)
+    return out.reshape(batch, length, heads * dim)
 
 
 class VisionTower:
