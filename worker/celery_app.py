@@ -7,10 +7,12 @@ from kombu import Queue
 
 from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
+from producer.deadletter import DeadLetters
 from producer.protocol import TASK_NAME, model_queue
 from worker.bootstep import BatchingStep
 from worker.executor import ImageSource
 from worker.monitoring.bootstep import MonitoringStep
+from worker.quarantine import Quarantine
 from worker.settings import WorkerSettings
 
 
@@ -53,11 +55,23 @@ def create_worker_app(
         # up to about a minute) rather than its task requeued and computed again.
         result_backend_always_retry=True,
         result_backend_max_retries=15,
+        # A Redis outage of any length: keep reconnecting, never exit.
+        broker_connection_max_retries=None,
+        # Poison messages are quarantined (worker/consumer.py, worker/transport.py).
+        worker_consumer="worker.consumer:Consumer",
     )
-    if image_source is None:
-        import redis
+    import redis
 
-        image_source = ImageStore(redis.Redis.from_url(settings.redis_url), settings.image_ttl_s)
+    client = redis.Redis.from_url(settings.redis_url)
+    if image_source is None:
+        image_source = ImageStore(client, settings.image_ttl_s)
+    quarantine = Quarantine(DeadLetters(client), app)
+    app.conf.broker_transport = "worker.transport:Transport"  # redis:// and rediss://
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "quarantine": quarantine,
+    }
+    app.vlmq_quarantine = quarantine
     app.vlmq_worker_settings = worker_settings
     app.vlmq_image_source = image_source
     app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats

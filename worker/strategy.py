@@ -4,20 +4,23 @@ import logging
 from typing import Any
 
 from celery import signals
+from celery.exceptions import InvalidTaskError
 from celery.utils.imports import symbol_by_name
 from celery.utils.time import timezone
 from celery.worker.request import create_request_cls
 from celery.worker.state import task_reserved, task_scheduled
-from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
 
-from producer.errors import InvalidRequest
+from worker.quarantine import task_message_problem
 
 logger = logging.getLogger(__name__)
 
 
 def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
     """Build the message handler for ``task``: validate, announce, then buffer.
+
+    A message that is not a well-formed ``vlmq.analyze`` task raises ``InvalidTaskError``:
+    the consumer (:mod:`worker.consumer`) quarantines it.
 
     A task with an ETA or countdown waits on the worker's timer, as with Celery's own
     strategy, and enters the buffer when due. Runs on the event-loop thread. Kombu re-creates
@@ -44,31 +47,27 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
         consumer.qos.decrement_eventually()
 
     def task_message_handler(message, body, ack, reject, callbacks, **__):
-        if body is None and "args" not in message.payload:
-            body, headers, decoded, utc = (
-                message.body,
-                message.headers,
-                False,
-                app.uses_utc_timezone(),
+        # A message that is not a vlmq task goes to the consumer's quarantine, never further.
+        problem = task_message_problem(message)
+        if problem is not None:
+            raise InvalidTaskError(problem)
+        try:
+            req = Request(
+                message,
+                on_ack=ack,
+                on_reject=reject,
+                app=app,
+                hostname=hostname,
+                eventer=eventer,
+                task=task,
+                connection_errors=consumer.connection_errors,
+                body=message.body,
+                headers=message.headers,
+                decoded=False,
+                utc=app.uses_utc_timezone(),
             )
-        elif "args" in message.payload:
-            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
-        else:
-            body, headers, decoded, utc = proto1_to_proto2(message, body)
-        req = Request(
-            message,
-            on_ack=ack,
-            on_reject=reject,
-            app=app,
-            hostname=hostname,
-            eventer=eventer,
-            task=task,
-            connection_errors=consumer.connection_errors,
-            body=body,
-            headers=headers,
-            decoded=decoded,
-            utc=utc,
-        )
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+            raise InvalidTaskError(f"unreadable task message: {type(exc).__name__}: {exc}") from exc
         logger.debug("Received %s[%s]", req.name, req.id)
         # revoked() also honours `expires`: it stores REVOKED, sends task-revoked, acks.
         if (req.expires or req.id in revoked_tasks) and req.revoked():
@@ -95,10 +94,7 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
                     else to_timestamp(req.eta, app.timezone)
                 )
             except (OverflowError, ValueError) as exc:
-                error = InvalidRequest(f"unreadable eta {req.eta!r}: {exc}")
-                req.task.backend.mark_as_failure(req.id, error, request=req._context)
-                req.reject(requeue=False)
-                return
+                raise InvalidTaskError(f"unreadable eta {req.eta!r}: {exc}") from exc
             # Held messages stay unacked: let the worker fetch more meanwhile, as Celery does.
             consumer.qos.increment_eventually()
             req._eta_timer_entry = consumer.timer.call_at(eta, due, (req,), priority=6)

@@ -40,7 +40,8 @@ class MonitoringStep(bootsteps.StartStopStep):
                 "attention": ws.attn_implementation,
                 "device": ws.device,
                 "max_batch_size": str(ws.max_batch_size),
-            }
+            },
+            dead_letters=lambda: app.vlmq_quarantine.count,
         )
         self.monitor = WorkerMonitor(metrics, EventOutbox())
         app.vlmq_batch_observers.append(self.monitor.on_batch)

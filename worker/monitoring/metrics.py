@@ -1,10 +1,10 @@
 """The worker's own Prometheus metrics and the HTTP server that exposes them."""
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from worker.batcher import BatchStats
@@ -23,7 +23,13 @@ class WorkerMetrics:
     gauge whose figure is unknown (no GPU) is absent from the scrape, never a false 0.
     """
 
-    def __init__(self, model_info: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        model_info: Mapping[str, str],
+        dead_letters: Callable[[], int] | None = None,
+    ) -> None:
+        """``dead_letters`` reads how many entries this worker dead-lettered
+        (:attr:`worker.quarantine.Quarantine.count`): ``vlmq_dead_letters_total``."""
         self.registry = CollectorRegistry()
         r = self.registry
         Info("vlmq_model", "The model this worker serves", registry=r).info(dict(model_info))
@@ -61,6 +67,8 @@ class WorkerMetrics:
             self.tokens.labels(kind)
         self._latest: Sample | None = None
         r.register(_SampleCollector(self))
+        if dead_letters is not None:
+            r.register(_DeadLetterCollector(dead_letters))
 
     def observe_batch(self, stats: BatchStats) -> None:
         """Count one report."""
@@ -108,6 +116,18 @@ class _SampleCollector(Collector):
         for name, doc, value in gauges:
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=value)
+
+
+class _DeadLetterCollector(Collector):
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "vlmq_dead_letters",
+            "Broker entries this worker could not decode or run, moved to vlmq.dead",
+            value=self._count(),
+        )
 
 
 class MetricsServer:
