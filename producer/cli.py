@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from producer.client import Client, TaskHandle
 from producer.config import Settings
+from producer.deadletter import DeadLetters
 from producer.errors import ConfigurationError, VlmqError
 from producer.results import AnalysisResult
 
@@ -108,6 +109,28 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period")
     top.add_argument("--record", type=Path, metavar="FILE", help="append the events (JSON lines)")
     top.set_defaults(run=_top)
+
+    dead = commands.add_parser(
+        "dead",
+        help="inspect and replay dead letters (vlmq.dead)",
+        description="Broker entries that workers could not decode or run are kept in the "
+        "Redis list vlmq.dead, newest first, with the reason, the time and their queue.",
+    )
+    dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    dead_list = dead_commands.add_parser("list", help="show the newest dead letters")
+    dead_list.add_argument("--limit", type=int, default=20, metavar="N", help="default: 20")
+    dead_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    dead_list.set_defaults(run=_dead_list)
+    dead_replay = dead_commands.add_parser(
+        "replay",
+        help="push dead letters back onto their queue",
+        description="Push entries back onto the queue list they were taken from, as they "
+        "were, and drop them from vlmq.dead. An entry that is still bad is dead-lettered again.",
+    )
+    which = dead_replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", default=[], metavar="ID", help="dead-letter ids")
+    which.add_argument("--all", action="store_true", help="every entry kept whole")
+    dead_replay.set_defaults(run=_dead_replay)
 
     report = commands.add_parser(
         "report",
@@ -238,6 +261,38 @@ def _top(args: argparse.Namespace) -> int:
     from producer.top import top_command
 
     return top_command(args)
+
+
+def _dead_letters() -> DeadLetters:
+    import redis
+
+    return DeadLetters(redis.Redis.from_url(Settings.from_env().redis_url))
+
+
+def _dead_list(args: argparse.Namespace) -> int:
+    for letter in _dead_letters().list(args.limit):
+        if args.json:
+            print(json.dumps(letter.to_dict()), flush=True)
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.dead_at))
+        cut = f", first {len(letter.raw)} kept" if letter.truncated else ""
+        task = f" task {letter.task_id}" if letter.task_id else ""
+        print(f"{letter.id}  {when} UTC  {letter.queue!r}{task}  ({letter.size} bytes{cut})")
+        print(f"    reason: {letter.reason}")
+        print(f"    entry:  {letter.preview()}", flush=True)
+    return 0
+
+
+def _dead_replay(args: argparse.Namespace) -> int:
+    try:
+        replayed = _dead_letters().replay(None if args.all else args.ids)
+    except ValueError as exc:
+        print(f"vlmq dead replay: {exc}", file=sys.stderr)
+        return 2
+    for letter in replayed:
+        print(f"{letter.id} -> {letter.queue!r}")
+    print(f"{len(replayed)} replayed")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -11,8 +11,6 @@ import logging
 import threading
 from typing import Any
 
-from celery import states
-
 from producer.deadletter import DeadLetter, DeadLetters
 from producer.errors import InvalidRequest
 from producer.protocol import TASK_NAME
@@ -182,11 +180,9 @@ class Quarantine:
         )
 
     def _fail_task(self, task_id: str, reason: str) -> None:
-        backend = self._app.backend
+        # Celery's backend keeps a SUCCESS already stored under this id (its _store_result).
+        error = InvalidRequest(f"the message was malformed and was dead-lettered: {reason}")
         try:
-            if backend.get_task_meta(task_id).get("status") in states.READY_STATES:
-                return  # a task of that id already ended: its outcome stands
-            error = InvalidRequest(f"the message was malformed and was dead-lettered: {reason}")
-            backend.mark_as_failure(task_id, error, request=None)
+            self._app.backend.mark_as_failure(task_id, error, request=None)
         except Exception as exc:
             logger.error("Could not store the failure of dead-lettered task %s: %r", task_id, exc)
