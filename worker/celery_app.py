@@ -14,6 +14,7 @@ from worker.executor import ImageSource
 from worker.monitoring.bootstep import MonitoringStep
 from worker.quarantine import Quarantine
 from worker.settings import WorkerSettings
+from worker.transport import serve_redis_urls
 
 
 class AnalyzeTask(Task):
@@ -66,7 +67,7 @@ def create_worker_app(
     if image_source is None:
         image_source = ImageStore(client, settings.image_ttl_s)
     quarantine = Quarantine(DeadLetters(client), app)
-    app.conf.broker_transport = "worker.transport:Transport"  # redis:// and rediss://
+    serve_redis_urls()
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
         "quarantine": quarantine,

@@ -1,7 +1,7 @@
 """kombu's Redis transport, made safe against poison entries and lost connections.
 
-The worker's app uses :class:`Transport` (``broker_transport``) for ``redis://`` and
-``rediss://`` alike. Two changes to kombu 5.7's ``kombu.transport.redis.Channel``:
+The worker process serves ``redis://`` and ``rediss://`` broker URLs with :class:`Transport`
+(:func:`serve_redis_urls`). Two changes to kombu 5.7's ``kombu.transport.redis.Channel``:
 
 - an entry popped from a queue list that is not a kombu message (not JSON, not UTF-8, not
   the ``{"body", "headers", "properties": {"delivery_tag", "delivery_info", ...}}`` envelope)
@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -147,3 +148,12 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+def serve_redis_urls() -> None:
+    """Make :class:`Transport` the transport of ``redis://`` and ``rediss://`` URLs in this
+    process, through kombu's registry of URL schemes (so URLs, logs and TLS set-up stay as
+    they are)."""
+    for scheme in ("redis", "rediss"):
+        kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
+        kombu.transport._transport_cache.pop(scheme, None)  # resolved before: resolve again
