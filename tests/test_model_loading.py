@@ -64,3 +64,16 @@ def test_flash_attention_without_flash_attn_is_refused(tiny_model_dir: Path) -> 
             attn_implementation="flash_attention_2",
             device="cpu",
         )
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./missing-model", "~/nope/llama", "a/b/c"])
+def test_missing_model_directory_says_so(path: str) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        load_model(path, precision="fp32", device="cpu")
+
+
+def test_model_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        load_model(str(file), precision="fp32", device="cpu")

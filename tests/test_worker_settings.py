@@ -1,7 +1,7 @@
 import pytest
 
 from producer.errors import ConfigurationError
-from worker.bootstep import refuse_prefork
+from worker.bootstep import refuse_unsupported_pool
 from worker.cli import celery_worker_argv
 from worker.gpu import pin_gpu
 from worker.settings import WorkerSettings
@@ -67,13 +67,20 @@ def test_missing_model_says_what_to_set():
         WorkerSettings.from_env({})
 
 
-def test_prefork_pool_is_refused_with_the_pool_to_use():
+def test_pools_that_cannot_hold_the_model_are_refused_with_the_flag_to_use():
     from celery.concurrency.prefork import TaskPool
     from celery.concurrency.solo import TaskPool as SoloPool
+    from celery.concurrency.thread import TaskPool as ThreadPool
 
-    with pytest.raises(ConfigurationError, match="--pool=solo"):
-        refuse_prefork(TaskPool)
-    refuse_prefork(SoloPool)
+    with pytest.raises(ConfigurationError, match=r"prefork pool .*--pool=solo"):
+        refuse_unsupported_pool(TaskPool, [])
+    # Celery swaps an explicit --pool=prefork for the configured solo: the flag still counts.
+    for argv in (["--pool=prefork"], ["--pool", "gevent"], ["-P", "eventlet"], ["-Pprocesses"]):
+        with pytest.raises(ConfigurationError, match="--pool=threads"):
+            refuse_unsupported_pool(SoloPool, ["worker", *argv])
+    refuse_unsupported_pool(SoloPool, ["worker", "--pool=solo"])
+    refuse_unsupported_pool(ThreadPool, ["worker", "--pool=solo", "-P", "threads"])
+    refuse_unsupported_pool(SoloPool, [])
 
 
 def test_pin_gpu_sets_visible_devices():

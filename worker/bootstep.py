@@ -3,12 +3,12 @@
 import dataclasses
 import logging
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from celery import bootsteps
-from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery import bootsteps, concurrency
 
 from producer.errors import ConfigurationError
 from producer.ledger import Ledger
@@ -30,12 +30,38 @@ logger = logging.getLogger(__name__)
 PROMPT_TOKENS = 512
 
 
-def refuse_prefork(pool_cls: Any) -> None:
-    """CUDA does not survive ``fork``: the model must live in the worker's main process."""
-    if isinstance(pool_cls, type) and issubclass(pool_cls, PreforkPool):
+#: The pools that run vlmq's batcher: the model lives in the worker's own process.
+POOLS = ("solo", "threads")
+
+
+def requested_pool(argv: Sequence[str]) -> str | None:
+    """The pool named on a ``celery worker`` command line (``--pool=X``, ``--pool X``,
+    ``-P X``, ``-PX``; the last one counts), or None."""
+    pool = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--pool="):
+            pool = arg.removeprefix("--pool=")
+        elif arg in ("--pool", "-P") and i + 1 < len(argv):
+            pool = argv[i + 1]
+        elif arg.startswith("-P") and len(arg) > 2 and not arg.startswith("--"):
+            pool = arg[2:]
+    return pool
+
+
+def refuse_unsupported_pool(pool_cls: Any, argv: Sequence[str]) -> None:
+    """Only the solo and threads pools keep the model in the worker's process; Celery itself
+    replaces an explicit ``--pool=prefork`` by the configured pool, so ``argv`` is read too."""
+    named = requested_pool(argv)
+    if named is None and isinstance(pool_cls, type):
+        named = next(
+            (name for name in POOLS if pool_cls is concurrency.get_implementation(name)),
+            pool_cls.__module__.rsplit(".", 1)[-1],
+        )
+    if named is not None and named not in POOLS:
         raise ConfigurationError(
-            "the prefork pool cannot serve a GPU model (CUDA does not survive fork); "
-            "start the worker with --pool=solo (the default for vlmq) or --pool=threads"
+            f"the {named} pool cannot serve a GPU model (it runs tasks outside the process "
+            "that holds the model, or in green threads; CUDA does not survive fork); start "
+            "the worker with --pool=solo (the default for vlmq) or --pool=threads"
         )
 
 
@@ -51,7 +77,7 @@ class BatchingStep(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        refuse_prefork(worker.pool_cls)
+        refuse_unsupported_pool(worker.pool_cls, sys.argv)
         worker.vlmq_batcher = None
         worker.vlmq_sweeper = None
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -62,6 +64,23 @@ def _check_settings(precision: str, attn_implementation: str, device: str) -> No
             )
 
 
+# A Hugging Face hub id: "name" or "owner/name", without path syntax.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _check_model_path(model_id: str) -> None:
+    """A model named by a path must be an existing directory; a hub id is left to the hub."""
+    path = Path(model_id).expanduser()
+    if path.exists() or _HUB_ID.fullmatch(model_id):
+        if path.exists() and not path.is_dir():
+            raise ConfigurationError(f"the model path {model_id!r} is not a directory")
+        return
+    raise ConfigurationError(
+        f"the model directory {model_id!r} does not exist; set VLMQ_MODEL to a local model "
+        "directory or a hub id such as meta-llama/Llama-3.2-11B-Vision-Instruct"
+    )
+
+
 def _quantization_config(precision: str) -> BitsAndBytesConfig:
     if precision == "nf4":
         return BitsAndBytesConfig(
@@ -88,6 +107,7 @@ def load_model(
     Raises ConfigurationError, saying how to fix it, for settings that cannot work here.
     """
     _check_settings(precision, attn_implementation, device)
+    _check_model_path(model_id)
     if precision in QUANTIZED:
         model = MllamaForConditionalGeneration.from_pretrained(
             model_id,
