@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -156,12 +157,20 @@ def _encode_png(image: Image.Image, limits: Limits) -> bytes:
 
 
 def _read_file(path: str | os.PathLike[str], limits: Limits) -> bytes:
+    shown = os.fsdecode(path)
     try:
-        with open(path, "rb") as file:
+        # Non-blocking: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidImage(
+                    f"cannot read image file {shown!r}: not a regular file (a directory, FIFO, "
+                    "socket or device)"
+                )
             data = file.read(limits.max_image_bytes + 1)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise InvalidImage(f"cannot read image file {os.fsdecode(path)!r}: {reason}") from exc
+        raise InvalidImage(f"cannot read image file {shown!r}: {reason}") from exc
     _check_bytes(len(data), limits)
     return data
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 import random
 import struct
 import threading
@@ -212,6 +213,13 @@ def test_path_and_pathlike(tmp_path: Path) -> None:
 def test_unreadable_path(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidImage, match="cannot read image file"):
         read_image_source(str(tmp_path / name), limits=LIMITS)
+
+
+def test_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)  # nobody writes: reading it would wait forever
+    with pytest.raises(InvalidImage, match="not a regular file"):
+        read_image_source(fifo, limits=LIMITS)
 
 
 def test_file_over_the_byte_limit(tmp_path: Path) -> None:
