@@ -1,3 +1,5 @@
+import time
+
 import pytest
 
 from producer.errors import ConfigurationError
@@ -103,3 +105,22 @@ def test_served_model_id_names_model_and_precision():
         {"VLMQ_MODEL": "meta-llama/Llama-3.2-11B-Vision-Instruct", "VLMQ_PRECISION": "nf4"}
     )
     assert s.served_model == "llama-3.2-11b-vision-instruct.nf4"
+
+
+def test_batch_timing_takes_the_fastest_runs_and_says_what_it_measured():
+    """Load from elsewhere only adds time: a slow run among fast ones does not count."""
+    from types import SimpleNamespace
+
+    from worker.bootstep import TIMING_RUNS, TIMING_TOKENS, time_full_batch
+
+    delays = iter([0.0, 0.20, 0.30, 0.01, 0.03, 0.01, 0.60])  # warm-up, then (prefill, long)s
+
+    def generate(batch):
+        time.sleep(next(delays))
+        return [SimpleNamespace(answer_tokens=r.max_new_tokens) for r in batch]
+
+    timing = time_full_batch(generate, rows=2)
+    assert len(timing.runs_s) == TIMING_RUNS
+    assert 0.01 <= timing.prefill_s < 0.1
+    assert timing.step_s < (0.03 - 0.005) / (TIMING_TOKENS - 1) * 2
+    assert "fastest of 3 runs" in timing.describe()
