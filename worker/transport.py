@@ -131,15 +131,18 @@ class Channel(kombu_redis.Channel):
             self.quarantine.entry(item, list_name, problem, task_id)
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        # kombu 5.7 (kombu/transport/redis.py, Channel._connparams) reads
-        # ``self.connection.client.hostname``, but kombu's Connection._do_close_transport sets
-        # the transport's client to None while channels of it live on: after a Redis outage
-        # Celery's consumer closes the old connection and its channel close (restoring
-        # unacked messages) or a late ack asks for a new pool, and the AttributeError that
-        # follows is not a connection error, so it ended the worker. A connection error is
-        # what it is: Celery logs it and reconnects; the messages stay in Redis's unacked
-        # hash and come back after the visibility timeout.
-        if self.connection.client is None:
+        # kombu 5.7 (kombu/transport/redis.py, Channel._connparams, reached from
+        # conn_or_acquire -> _create_client -> pool) reads ``self.connection.client.hostname``,
+        # but a channel outlives its connection: kombu's Connection._do_close_transport sets
+        # the transport's client to None, and Transport.close_channel sets the channel's
+        # connection to None. After a Redis outage Celery's consumer closes the old connection;
+        # its channel's close (restoring unacked messages) or a late ack on it then asks for a
+        # new pool, and the AttributeError that followed is not a connection error, so it
+        # ended the worker. A connection error is what it is: Celery logs it ("Couldn't ack")
+        # and reconnects; the messages stay in Redis's unacked hash and come back after the
+        # visibility timeout.
+        transport = self.connection
+        if transport is None or transport.client is None:
             raise RedisConnectionError("the broker connection of this channel is closed")
         return super()._connparams(asynchronous=asynchronous)
 
