@@ -167,12 +167,12 @@ def fuzz_entry(template: dict[str, Any], rng: random.Random) -> bytes:
     # huge values: a question, a header or a whole entry far over every limit
     target = rng.randrange(3)
     if target == 0:
-        kwargs["question"] = "?" * 2_000_000
+        kwargs["question"] = "?" * 200_000
         entry["body"] = base64.b64encode(json.dumps([args, kwargs, embed]).encode()).decode()
     elif target == 1:
-        entry["headers"]["argsrepr"] = "a" * 1_000_000
+        entry["headers"]["argsrepr"] = "a" * 100_000
     else:
-        entry["headers"]["id"] = "i" * 300_000
+        entry["headers"]["id"] = "i" * 10_000
     return encode(entry)
 
 
@@ -192,6 +192,10 @@ def test_transport_fuzz_worker_stays_up_and_every_entry_is_accounted_for(
     client = Client(Settings(redis_url=url))
     r = private_redis.client()
     template = real_entry(client)
+    # Entries a mutation left valid then end in ImageUnavailable, a named error, without the
+    # model's time (the valid tasks below run on the model).
+    _, kwargs, _ = json.loads(base64.b64decode(template["body"]))
+    r.delete(kwargs["image_key"])
     queue = client.settings.queue
     worker = start_worker(REDIS_URL=url, VLMQ_MAX_BATCH_SIZE="8", VLMQ_MAX_WAIT_MS="20")
     model = model_queue(queue, served_model_id(str(tiny_model_dir), "fp32"))
