@@ -1,6 +1,6 @@
 """Redis outages survived in process: one worker, never restarted, rides out Redis killed and
 started again after 1 s and 5 s (persisted exactly as ``compose.yaml`` persists it: nothing
-accepted is lost, nothing written twice), and a restart that lost every unpersisted write.
+accepted is lost, nothing written twice), then a restart that lost all of Redis's data.
 
 A 30 s outage runs the same way with ``VLMQ_TEST_LONG_OUTAGE=1`` (kept out of CI for time).
 """
@@ -79,7 +79,7 @@ def results_while_alive(worker, handles: list[TaskHandle], timeout_s: float = 12
 
 
 def test_one_worker_rides_out_redis_outages_and_loses_nothing(
-    private_redis, result_writes, start_worker
+    private_redis, result_writes, start_worker, tmp_path
 ):
     url = private_redis.url()
     client = Client(Settings(redis_url=url, visibility_timeout_s=VISIBILITY_S))
@@ -108,30 +108,20 @@ def test_one_worker_rides_out_redis_outages_and_loses_nothing(
     wait_for(lambda: unacked_count(r) == 0, VISIBILITY_S + 20, "messages left unacked")
     counts = result_writes.counts()
     assert all(counts[h.id] <= 1 for h in handles), "a result was written twice"
-    assert worker.alive()
-    assert "Unrecoverable error" not in worker.log()
 
-
-def test_worker_survives_a_restart_that_lost_redis_data(
-    private_redis, result_writes, start_worker, tmp_path
-):
-    """Redis comes back empty (as one without persistence would): what it held is gone, the
-    worker reconnects, declares its queues again and serves new tasks."""
-    url = private_redis.url()
-    client = Client(Settings(redis_url=url, visibility_timeout_s=VISIBILITY_S))
-    worker = start_worker(REDIS_URL=url, **WORKER_ENV)
-    r = private_redis.client()
-    before = submit_long(client, 0, 24)
-    wait_mid_batch(r, client, result_writes, [h.id for h in before])
+    # Last, Redis comes back empty (as one without persistence would): what it held is gone;
+    # the same worker reconnects, declares its queues again and serves new tasks.
+    wait_mid_batch(r, client, result_writes, [h.id for h in submit_long(client, 900, 24)])
     private_redis.kill()
     empty = RedisServer(tmp_path / "redis-empty", extra_args=("--appendonly", "no"))
     empty.port = private_redis.port
     empty.start()
     try:
-        after = [client.submit(image(500 + i), f"After {i}?", max_new_tokens=8) for i in range(8)]
+        after = [client.submit(image(950 + i), f"After {i}?", max_new_tokens=8) for i in range(8)]
         results = results_while_alive(worker, after)
         assert all(res.answer_tokens >= 1 for res in results)
-        assert worker.alive()
+        print(f"restart without the data: {len(results)} new tasks answered, worker still up")
         assert "Unrecoverable error" not in worker.log()
+        assert worker.stop() == 0  # a warm shutdown while its Redis still answers
     finally:
         empty.stop()
