@@ -120,11 +120,8 @@ def task_message_problem(message: Any) -> str | None:
 
 
 def message_bytes(message: Any) -> bytes:
-    """The broker entry of a kombu virtual-transport message, as it was in the queue list."""
-    raw = getattr(message, "_raw", None)
-    if raw is None:
-        raw = {"headers": message.headers, "body": message.body}
-    return json.dumps(raw, default=repr).encode()
+    """The queue entry a kombu virtual-transport message (Redis, memory) was made from."""
+    return json.dumps(message._raw).encode()
 
 
 class Quarantine:
