@@ -146,9 +146,7 @@ def _run_in_process() -> int:
     settings = Settings.from_env({})
     worker_settings = WorkerSettings.from_env({**WORKER_ENV, "VLMQ_MODEL": str(TINY_MODEL_DIR)})
     app = create_worker_app(settings, worker_settings, image_source=store)
-    app.conf.update(
-        broker_url="memory://", broker_transport="memory", result_backend="cache+memory://"
-    )
+    app.conf.update(broker_url="memory://", result_backend="cache+memory://")
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=60):
         return _submit_and_print(Client(settings, app=app, image_store=store))
 
