@@ -25,7 +25,10 @@ from producer.errors import (
     InvalidRequest,
     ModelError,
     QueueFull,
+    TaskExpired,
+    TaskRevoked,
     VlmqError,
+    WrongModel,
 )
 from producer.images import ImageSource
 from producer.protocol import Limits
@@ -44,9 +47,12 @@ __all__ = [
     "ModelError",
     "QueueFull",
     "Settings",
+    "TaskExpired",
     "TaskHandle",
+    "TaskRevoked",
     "Timings",
     "VlmqError",
+    "WrongModel",
     "submit",
     "submit_many",
 ]
