@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import redis
 from celery import states
+from conftest import REDIS_TEST_URL
 from PIL import Image
 
 from producer.cli import main
 from producer.config import Settings, make_celery_app
 from producer.errors import ModelError
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = REDIS_TEST_URL  # the tests' own database (conftest)
 
 
 @pytest.fixture

@@ -3,14 +3,15 @@
 from typing import Any
 
 from celery import Celery, Task
-from kombu import Queue
 
 from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
 from producer.protocol import TASK_NAME, model_queue
+from producer.queues import routed_queue
 from worker.bootstep import BatchingStep
 from worker.executor import ImageSource
 from worker.monitoring.bootstep import MonitoringStep
+from worker.routing import RoutingStep
 from worker.settings import WorkerSettings
 
 
@@ -40,10 +41,10 @@ def create_worker_app(
     """
     app = make_celery_app(settings, name="vlmq-worker")
     app.conf.update(
-        # The shared queue (any model) and this model's own queue.
+        # The shared queue (any model) and this model's own queue, each under its own key.
         task_queues=[
-            Queue(settings.queue),
-            Queue(model_queue(settings.queue, worker_settings.served_model)),
+            routed_queue(settings.queue, settings.queue),
+            routed_queue(model_queue(settings.queue, worker_settings.served_model), settings.queue),
         ],
         worker_pool="solo",
         worker_concurrency=1,
@@ -61,6 +62,7 @@ def create_worker_app(
     app.vlmq_worker_settings = worker_settings
     app.vlmq_image_source = image_source
     app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats
+    app.steps["worker"].add(RoutingStep)
     app.steps["worker"].add(BatchingStep)
     app.steps["worker"].add(MonitoringStep)
     app.register_task(AnalyzeTask())
