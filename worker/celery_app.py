@@ -1,18 +1,28 @@
-"""Build the worker's Celery app: the producer's shared config plus the batching parts."""
+"""Build the worker's Celery app: the producer's shared config plus the batching parts.
 
-from typing import Any
+The bootsteps are named, not imported: they pull in torch and transformers, which only a
+worker needs — ``celery -A worker.app inspect ping`` loads neither.
+"""
 
-from celery import Celery, Task
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, Task, signals
 
 from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
+from producer.errors import ConfigurationError
 from producer.protocol import TASK_NAME, model_queue
 from producer.queues import routed_queue
-from worker.bootstep import BatchingStep
-from worker.executor import ImageSource
-from worker.monitoring.bootstep import MonitoringStep
-from worker.routing import RoutingStep
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.executor import ImageSource
+
+WORKER_STEPS = (
+    "worker.routing:RoutingStep",
+    "worker.bootstep:BatchingStep",
+    "worker.monitoring.bootstep:MonitoringStep",
+)
 
 
 class AnalyzeTask(Task):
@@ -31,24 +41,21 @@ class AnalyzeTask(Task):
 
 def create_worker_app(
     settings: Settings,
-    worker_settings: WorkerSettings,
+    worker_settings: WorkerSettings | None = None,
     *,
-    image_source: ImageSource | None = None,
+    image_source: "ImageSource | None" = None,
 ) -> Celery:
     """The app that ``celery -A worker.app worker`` runs.
 
-    ``image_source`` defaults to the Redis claim-check store at ``settings.redis_url``.
+    ``worker_settings`` None: they are read from the environment
+    (:meth:`WorkerSettings.from_env`) when a worker starts, so that other celery commands
+    (``inspect``, ``control``, ``events``) need no ``VLMQ_MODEL``. ``image_source`` defaults
+    to the Redis claim-check store at ``settings.redis_url``.
     """
     app = make_celery_app(settings, name="vlmq-worker")
     app.conf.update(
-        # The shared queue (any model) and this model's own queue, each under its own key.
-        task_queues=[
-            routed_queue(settings.queue, settings.queue),
-            routed_queue(model_queue(settings.queue, worker_settings.served_model), settings.queue),
-        ],
         worker_pool="solo",
         worker_concurrency=1,
-        worker_prefetch_multiplier=worker_settings.prefetch_count,
         worker_hijack_root_logger=True,
         # A result that cannot be stored while Redis restarts is retried (with backoff, for
         # up to about a minute) rather than its task requeued and computed again.
@@ -59,11 +66,36 @@ def create_worker_app(
         import redis
 
         image_source = ImageStore(redis.Redis.from_url(settings.redis_url), settings.image_ttl_s)
-    app.vlmq_worker_settings = worker_settings
     app.vlmq_image_source = image_source
     app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats
-    app.steps["worker"].add(RoutingStep)
-    app.steps["worker"].add(BatchingStep)
-    app.steps["worker"].add(MonitoringStep)
+    app.steps["worker"].update(WORKER_STEPS)
     app.register_task(AnalyzeTask())
+    if worker_settings is not None:
+        serve(app, worker_settings)
+    else:
+
+        def on_worker_init(sender: Any = None, instance: Any = None, **_: Any) -> None:
+            if instance is None or instance.app is not app:
+                return
+            try:
+                serve(app, WorkerSettings.from_env())
+            except ConfigurationError as exc:
+                raise SystemExit(f"vlmq worker: {exc}") from None
+
+        # Sent before the worker sets up its queues, prefetch and bootsteps.
+        signals.celeryd_init.connect(on_worker_init, weak=False)
     return app
+
+
+def serve(app: Celery, worker_settings: WorkerSettings) -> None:
+    """Configure ``app`` to serve ``worker_settings``' model: queues, prefetch, settings."""
+    queue = app.conf.task_default_queue
+    app.conf.update(
+        # The shared queue (any model) and this model's own queue, each under its own key.
+        task_queues=[
+            routed_queue(queue, queue),
+            routed_queue(model_queue(queue, worker_settings.served_model), queue),
+        ],
+        worker_prefetch_multiplier=worker_settings.prefetch_count,
+    )
+    app.vlmq_worker_settings = worker_settings
