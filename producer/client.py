@@ -10,7 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -412,7 +412,7 @@ def _expiry(expires: float | datetime | None) -> str | None:
     if isinstance(expires, datetime):
         return expires.isoformat()
     try:
-        return (datetime.now(timezone.utc) + timedelta(seconds=expires)).isoformat()
+        return (datetime.now(UTC) + timedelta(seconds=expires)).isoformat()
     except (OverflowError, ValueError):
         raise errors.InvalidRequest(
             f"expires must be a finite number of seconds from now, got {expires!r}"
