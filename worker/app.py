@@ -1,8 +1,8 @@
 """The worker's Celery app, configured from the environment: ``celery -A worker.app worker``.
 
-The GPU is pinned (``VLMQ_GPU``) before anything imports torch. The worker settings
-(``VLMQ_MODEL``…) are read only when a worker starts: ``celery -A worker.app inspect ping``
-needs neither them nor torch.
+The GPU is pinned (``VLMQ_GPU``) before anything imports torch. Only a worker needs the
+worker settings (``VLMQ_MODEL``…) and torch: ``celery -A worker.app inspect ping`` needs
+neither.
 """
 
 from worker.gpu import pin_gpu

@@ -47,10 +47,10 @@ def create_worker_app(
 ) -> Celery:
     """The app that ``celery -A worker.app worker`` runs.
 
-    ``worker_settings`` None: they are read from the environment
-    (:meth:`WorkerSettings.from_env`) when a worker starts, so that other celery commands
-    (``inspect``, ``control``, ``events``) need no ``VLMQ_MODEL``. ``image_source`` defaults
-    to the Redis claim-check store at ``settings.redis_url``.
+    ``worker_settings`` None: read from the environment (:meth:`WorkerSettings.from_env`);
+    when they are missing or wrong, only a worker refuses to start (with the message), so
+    other celery commands (``inspect``, ``control``, ``events``) need no ``VLMQ_MODEL``.
+    ``image_source`` defaults to the Redis claim-check store at ``settings.redis_url``.
     """
     app = make_celery_app(settings, name="vlmq-worker")
     app.conf.update(
@@ -70,32 +70,29 @@ def create_worker_app(
     app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats
     app.steps["worker"].update(WORKER_STEPS)
     app.register_task(AnalyzeTask())
-    if worker_settings is not None:
-        serve(app, worker_settings)
-    else:
-
-        def on_worker_init(sender: Any = None, instance: Any = None, **_: Any) -> None:
-            if instance is None or instance.app is not app:
-                return
-            try:
-                serve(app, WorkerSettings.from_env())
-            except ConfigurationError as exc:
-                raise SystemExit(f"vlmq worker: {exc}") from None
-
-        # Sent before the worker sets up its queues, prefetch and bootsteps.
-        signals.celeryd_init.connect(on_worker_init, weak=False)
-    return app
-
-
-def serve(app: Celery, worker_settings: WorkerSettings) -> None:
-    """Configure ``app`` to serve ``worker_settings``' model: queues, prefetch, settings."""
-    queue = app.conf.task_default_queue
+    if worker_settings is None:
+        try:
+            worker_settings = WorkerSettings.from_env()
+        except ConfigurationError as exc:
+            _refuse_workers(app, exc)
+            return app
     app.conf.update(
         # The shared queue (any model) and this model's own queue, each under its own key.
         task_queues=[
-            routed_queue(queue, queue),
-            routed_queue(model_queue(queue, worker_settings.served_model), queue),
+            routed_queue(settings.queue, settings.queue),
+            routed_queue(model_queue(settings.queue, worker_settings.served_model), settings.queue),
         ],
         worker_prefetch_multiplier=worker_settings.prefetch_count,
     )
     app.vlmq_worker_settings = worker_settings
+    return app
+
+
+def _refuse_workers(app: Celery, error: ConfigurationError) -> None:
+    """Make a worker of ``app`` exit with ``error`` as soon as it is created."""
+
+    def refuse(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        if instance is not None and instance.app is app:
+            raise SystemExit(f"vlmq worker: {error}")
+
+    signals.celeryd_init.connect(refuse, weak=False)
