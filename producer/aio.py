@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Any
+from collections.abc import Callable
 
 import redis.asyncio
 
@@ -32,7 +32,9 @@ class AsyncResultReader:
             client = self._clients[loop] = redis.asyncio.Redis.from_url(self._url)
         return client
 
-    async def wait(self, key: str | bytes, ready: Any, timeout: float | None) -> bytes | None:
+    async def wait(
+        self, key: str | bytes, ready: Callable[[bytes], bool], timeout: float | None
+    ) -> bytes | None:
         """The value at ``key`` once ``ready(value)`` holds, polled with a growing pause;
         None when ``timeout`` seconds (None: no limit) pass first."""
         loop = asyncio.get_running_loop()
