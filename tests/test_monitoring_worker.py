@@ -446,7 +446,7 @@ def test_prometheus_scrapes_workers_exporter_and_flower_and_compose_runs_it():
     assert any(v.startswith("./worker/monitoring/prometheus.yml:")
                for v in services["prometheus"]["volumes"])  # fmt: skip
     assert services["worker-gpu0"]["environment"]["VLMQ_METRICS_ADDR"] == "0.0.0.0"
-    assert services["flower"]["command"][:2] == ["celery", "--broker=redis://redis:6379/0"]
+    assert '--broker="$$REDIS_URL" flower' in " ".join(services["flower"]["command"])
 
 
 def test_a_failing_loop_callback_does_not_drop_the_others(caplog):
