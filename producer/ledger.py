@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from producer.protocol import TASK_NAME
+from producer.queues import routed_queue
 
 ENTRIES = "vlmq:ledger"
 SEEN = "vlmq:ledger:seen"
@@ -46,7 +47,7 @@ class LedgerEntry:
             TASK_NAME,
             kwargs=self.kwargs,
             task_id=self.task_id,
-            queue=self.queue,
+            queue=routed_queue(self.queue, app.conf.task_default_queue),
             priority=self.priority,
             expires=self.expires,
             producer=producer,

@@ -7,11 +7,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, ProcessorMixin
 
 from worker.engine.decode import DecodeStep
@@ -19,7 +18,7 @@ from worker.engine.graphs import DecodeGraphs, batch_buckets, length_buckets, pi
 from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
 from worker.engine.inputs import PreparedRequest, prepare_request, to_device
 from worker.engine.parts import MllamaParts
-from worker.engine.prefill import cross_masks, prefill_text
+from worker.engine.prefill import PREFILL_ROWS, TextPrefill, cross_masks
 from worker.engine.sampling import sample
 from worker.engine.slots import SlotCache, plan_capacity
 from worker.model.runner import Generation, GenerationRequest
@@ -27,9 +26,7 @@ from worker.model.runner import Generation, GenerationRequest
 logger = logging.getLogger(__name__)
 
 # Requests admitted together at most (their images encode in chunks of VISION_BATCHES sizes).
-MAX_PREFILL_BATCH = 8
-# Text prefill never uses cuDNN attention: it builds a plan for each new prompt width.
-PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MAX_PREFILL_BATCH = max(PREFILL_ROWS)
 
 
 @dataclass
@@ -171,11 +168,20 @@ class ContinuousEngine:
         self.images = ImageEncoder(
             self.parts, self.cache, skip_padding_tiles=skip_padding_tiles, cuda_graphs=cuda_graphs
         )
+        cuda = self.device.type == "cuda"
+        self._prefill = TextPrefill(
+            self.parts, self.cache, self._rope, use_graphs=cuda_graphs and cuda
+        )
         with torch.inference_mode():
             self._graphs.capture()
             self.images.capture()
-        cuda = self.device.type == "cuda"
-        self._side_stream = torch.cuda.Stream(self.device) if cuda else None
+            self._prefill.capture()
+        # Decode on a high-priority stream, admission on a low one: when both have kernels
+        # ready, the GPU schedules decode's blocks first, so running answers keep stepping.
+        self._side_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
+        self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        if self._decode_stream is not None:
+            self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
         logger.info(
             "engine: %d slots x %d tokens, %.2f GiB of caches, graphs %s",
             self.max_slots, self.max_seq_len, self.cache.nbytes / 2**30, self._graphs.use_graphs,
@@ -197,8 +203,9 @@ class ContinuousEngine:
 
     @property
     def graph_capture_s(self) -> float:
-        """Seconds the start-up graph capture took, decode and vision (0 without graphs)."""
-        return self._graphs.capture_s + self.images.graphs.capture_s
+        """Seconds the start-up graph capture took: decode, vision and text prefill (0 without
+        graphs)."""
+        return self._graphs.capture_s + self.images.graphs.capture_s + self._prefill.capture_s
 
     @property
     def free_slots(self) -> int:
@@ -268,10 +275,11 @@ class ContinuousEngine:
         if self._admission is not None:
             for waiting in self._admission.batch:
                 waiting.aborted = waiting.aborted or waiting.key in keys
-        for slot, running in enumerate(self._slots):
-            if running is not None and running.key in keys:
-                self._slots[slot] = None
-                self.cache.release(slot)
+        with self._on_decode_stream():
+            for slot, running in enumerate(self._slots):
+                if running is not None and running.key in keys:
+                    self._slots[slot] = None
+                    self.cache.release(slot)
 
     def step(self) -> list[tuple[str, Generation | Exception]]:
         """Admit, decode one token for every active slot, return what finished in this step."""
@@ -296,7 +304,7 @@ class ContinuousEngine:
 
     def step_outputs(self) -> list[FinishedRequest]:
         """``step`` with token ids instead of decoded text."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_decode_stream():
             self._admit()
             finished = self._decode() if self.active else []
             self._compact()
@@ -345,6 +353,11 @@ class ContinuousEngine:
             self._release(slots)
             self._failed_admission(batch, exc)
             return None
+
+    def _on_decode_stream(self) -> AbstractContextManager[object]:
+        """Where the engine's slot state and decode steps live (the CPU: nothing to do)."""
+        stream = self._decode_stream
+        return nullcontext() if stream is None else torch.cuda.stream(stream)
 
     @contextmanager
     def _on_side_stream(self) -> Iterator[torch.cuda.Stream | None]:
@@ -496,16 +509,12 @@ class ContinuousEngine:
         device = self.device
         slot_index = to_device(torch.tensor(slots), device)
         unseen = torch.stack([self._unseen(w.prepared) for w in batch])
-        with sdpa_kernel(PREFILL_BACKENDS):
-            logits = prefill_text(
-                self.parts,
-                self.cache,
-                self._rope,
-                slot_index,
-                [w.prepared.input_ids for w in batch],
-                [w.prepared.cross_rows for w in batch],
-                unseen,
-            )
+        logits = self._prefill.run(
+            slots,
+            [w.prepared.input_ids for w in batch],
+            [w.prepared.cross_rows for w in batch],
+            unseen,
+        )
         requests = [w.request for w in batch]
         greedy = to_device(torch.tensor([r.temperature == 0 for r in requests]), device)
         temperature = to_device(torch.tensor([float(r.temperature) for r in requests]), device)
