@@ -75,11 +75,7 @@ def create_worker_app(
     if image_source is None:
         image_source = ImageStore(client, settings.image_ttl_s)
     quarantine = Quarantine(DeadLetters(client), app)
-    serve_redis_urls()
-    app.conf.broker_transport_options = {
-        **app.conf.broker_transport_options,
-        "quarantine": quarantine,
-    }
+    serve_redis_urls(quarantine)
     app.vlmq_quarantine = quarantine
     app.vlmq_image_source = image_source
     app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats

@@ -87,9 +87,10 @@ def decode_entry(item: bytes) -> tuple[dict[str, Any] | None, str | None]:
 
 
 class Channel(kombu_redis.Channel):
-    """A Redis channel that quarantines poison entries (``quarantine`` transport option)."""
+    """A Redis channel that quarantines poison entries (in :attr:`quarantine`)."""
 
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, "quarantine")
+    #: Set by :func:`serve_redis_urls`: one worker per process. (Not a transport option:
+    #: those are sent to ``celery inspect stats``, which must stay JSON.)
     quarantine: Quarantine | None = None
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -153,10 +154,11 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def serve_redis_urls() -> None:
+def serve_redis_urls(quarantine: Quarantine) -> None:
     """Make :class:`Transport` the transport of ``redis://`` and ``rediss://`` URLs in this
     process, through kombu's registry of URL schemes (so URLs, logs and TLS set-up stay as
-    they are)."""
+    they are), its channels handing poison entries to ``quarantine``."""
+    Channel.quarantine = quarantine
     for scheme in ("redis", "rediss"):
         kombu.transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:Transport"
         kombu.transport._transport_cache.pop(scheme, None)  # resolved before: resolve again
