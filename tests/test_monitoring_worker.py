@@ -20,10 +20,20 @@ from celery.events.state import Worker
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from producer.claimcheck import MemoryImageStore
 from producer.errors import ConfigurationError
+from producer.events import (
+    BATCH_FIELDS,
+    GPU_FIELDS,
+    BatchStats,
+    GpuReading,
+    Sample,
+    Totals,
+    batch_fields,
+    sample_fields,
+)
 from producer.exporter import QueueCollector
 from producer.queues import priority_lists
-from worker.batcher import BatchStats
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
 from worker.monitoring.bootstep import MonitoringStep
@@ -32,16 +42,8 @@ from worker.monitoring.monitor import WorkerMonitor
 from worker.monitoring.nvml import GpuProbe, gpu_selector
 from worker.monitoring.outbox import EventOutbox
 from worker.monitoring.sampler import Sampler
-from worker.monitoring.schema import (
-    BATCH_FIELDS,
-    GPU_FIELDS,
-    GpuReading,
-    Sample,
-    Totals,
-    batch_fields,
-    sample_fields,
-)
 from worker.monitoring.settings import MonitorSettings
+from worker.parts import WorkerParts
 from worker.settings import WorkerSettings
 
 
@@ -325,10 +327,10 @@ def test_settings_from_env():
 def test_a_monitoring_failure_at_start_leaves_the_worker_running(caplog, monkeypatch):
     monkeypatch.setenv("VLMQ_METRICS_PORT", "0")
     settings = WorkerSettings(model="tiny", device="cpu")
-    app = SimpleNamespace(vlmq_worker_settings=settings, vlmq_batch_observers=[], amqp=None)
+    app = SimpleNamespace(vlmq=WorkerParts(settings, MemoryImageStore()), amqp=None)
     worker = SimpleNamespace(app=app, hub=None, consumer=None)
     step = MonitoringStep(worker)
-    assert app.vlmq_batch_observers == [step.monitor.on_batch]
+    assert app.vlmq.observers == [step.monitor.on_batch]
     step.start(worker)  # app.amqp is broken: logged, not raised
     assert "runs without it" in caplog.text
     step.monitor.on_batch(batch_report())

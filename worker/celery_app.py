@@ -11,21 +11,23 @@ from producer.protocol import TASK_NAME, model_queue
 from worker.bootstep import BatchingStep
 from worker.executor import ImageSource
 from worker.monitoring.bootstep import MonitoringStep
+from worker.parts import WorkerParts
 from worker.settings import WorkerSettings
+from worker.strategy import batching_strategy
 
 
 class AnalyzeTask(Task):
     """Analyse one image (kwargs: :class:`producer.protocol.AnalysisRequest`).
 
-    The worker batches this task: its messages go to the batcher, never to the pool.
+    The worker batches this task: its messages go to the loop, never to the pool.
     """
 
     name = TASK_NAME
-    Strategy = "worker.strategy:batching_strategy"
+    Strategy = staticmethod(batching_strategy)
     acks_late = True
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{self.name} runs only inside a vlmq worker's batcher")
+        raise RuntimeError(f"{self.name} runs only inside a vlmq worker's loop")
 
 
 def create_worker_app(
@@ -58,9 +60,7 @@ def create_worker_app(
         import redis
 
         image_source = ImageStore(redis.Redis.from_url(settings.redis_url), settings.image_ttl_s)
-    app.vlmq_worker_settings = worker_settings
-    app.vlmq_image_source = image_source
-    app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats
+    app.vlmq = WorkerParts(worker_settings, image_source)
     app.steps["worker"].add(BatchingStep)
     app.steps["worker"].add(MonitoringStep)
     app.register_task(AnalyzeTask())

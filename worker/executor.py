@@ -62,7 +62,7 @@ class StepReport:
 
 
 class Executor(Protocol):
-    """How the batcher drives a model; everything runs on the batcher's model thread."""
+    """How the loop drives a model; everything runs on the loop's model thread."""
 
     def room(self) -> int:
         """How many more requests it can take now."""
@@ -253,7 +253,7 @@ class ContinuousExecutor:
         self._engine.abort(task_ids)
 
     def room(self) -> int:
-        # Only as many as can start now: the rest stay in the batcher's buffer, where a
+        # Only as many as can start now: the rest stay in the loop's buffer, where a
         # revoke or `expires` still reaches them.
         return max(0, self._engine.free_slots - self._engine.waiting - len(self._preparing))
 

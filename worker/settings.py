@@ -4,8 +4,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from producer.config import env_int
 from producer.errors import ConfigurationError
-from producer.protocol import Limits, env_int, served_model_id
+from producer.protocol import Limits, served_model_id
 
 PRECISIONS = ("bf16", "fp16", "fp32", "nf4", "int8")
 ENGINES = ("continuous", "batch")

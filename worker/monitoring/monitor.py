@@ -2,18 +2,18 @@
 
 import threading
 
-from worker.batcher import BatchStats
-from worker.monitoring.metrics import WorkerMetrics
-from worker.monitoring.outbox import EventOutbox
-from worker.monitoring.schema import (
+from producer.events import (
     BATCH_EVENT,
     GPU_EVENT,
+    BatchStats,
     GpuReading,
     Sample,
     Totals,
     batch_fields,
     sample_fields,
 )
+from worker.monitoring.metrics import WorkerMetrics
+from worker.monitoring.outbox import EventOutbox
 
 
 class WorkerMonitor:

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from worker.monitoring.schema import GpuReading
+from producer.events import GpuReading
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,27 @@
+"""The vlmq parts of a worker's Celery app, in one object: ``app.vlmq``."""
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from worker.executor import ImageSource
+from worker.loop import BatchObserver
+from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.loop import BatchLoop
+    from worker.sweeper import Sweeper
+
+
+@dataclass
+class WorkerParts:
+    """What the worker's bootsteps and strategy share.
+
+    Built with the app (settings, image source); monitoring adds observers before the loop
+    starts; the batching bootstep sets ``loop`` and ``sweeper`` while the worker runs.
+    """
+
+    settings: WorkerSettings
+    images: ImageSource
+    observers: list[BatchObserver] = field(default_factory=list)
+    loop: "BatchLoop | None" = None
+    sweeper: "Sweeper | None" = None
