@@ -243,7 +243,7 @@ def continuous_target(model: Any, processor: Any, settings: WorkerSettings, labe
     builds it from ``settings`` (``max_slots`` = ``VLMQ_MAX_BATCH_SIZE``, ``max_seq_len`` =
     the request limit's ``max_new_tokens`` + the prompt room). Raises what the engine raises
     (too many slots for the memory, a model it cannot run)."""
-    from worker.bootstep import PROMPT_TOKENS
+    from worker.factory import PROMPT_TOKENS
     from worker.engine import ContinuousEngine
 
     images, reader = _reader(settings.limits)

@@ -763,7 +763,7 @@ class Bench:
 
     def slots_that_fit(self, model) -> int:
         """The slots the engine's planner would choose by itself for the workload's lengths."""
-        from worker.bootstep import PROMPT_TOKENS
+        from worker.factory import PROMPT_TOKENS
         from worker.engine.parts import MllamaParts
         from worker.engine.slots import plan_capacity
 
