@@ -48,7 +48,7 @@ from worker.executor import (
     StepReport,
     model_failure,
 )
-from worker.model.runner import Generation
+from worker.model.generation import Generation
 from worker.policy import decide_batch
 from worker.settings import WorkerSettings
 
@@ -243,8 +243,8 @@ def continuous_target(model: Any, processor: Any, settings: WorkerSettings, labe
     builds it from ``settings`` (``max_slots`` = ``VLMQ_MAX_BATCH_SIZE``, ``max_seq_len`` =
     the request limit's ``max_new_tokens`` + the prompt room). Raises what the engine raises
     (too many slots for the memory, a model it cannot run)."""
-    from worker.factory import PROMPT_TOKENS
     from worker.engine import ContinuousEngine
+    from worker.factory import PROMPT_TOKENS
 
     images, reader = _reader(settings.limits)
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from typing import Any
 from bench.progress import elapsed, log, set_log_file
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "bench" / "results"
+DEFAULT_OUT = ROOT / "docs" / "bench"
 ALL_MODES = ["a", "b", "cb", "c", "d", "nf4", "int8"]
 #: Modes run only when named in ``--modes``: (d2) needs two GPUs.
 EXTRA_MODES = ["d2"]
@@ -763,9 +763,9 @@ class Bench:
 
     def slots_that_fit(self, model) -> int:
         """The slots the engine's planner would choose by itself for the workload's lengths."""
-        from worker.factory import PROMPT_TOKENS
         from worker.engine.parts import MllamaParts
         from worker.engine.slots import plan_capacity
+        from worker.factory import PROMPT_TOKENS
 
         parts = MllamaParts(model)
         try:

@@ -18,7 +18,7 @@ from PIL import Image
 from worker.engine import ContinuousEngine, EngineStats
 from worker.engine.inputs import prompt_text
 from worker.engine.parts import MllamaParts
-from worker.model.runner import Generation, GenerationRequest
+from worker.model.generation import Generation, GenerationRequest
 
 DEVICE = os.environ.get("VLMQ_TEST_DEVICE", "cpu")
 SIZES = [(64, 48), (200, 40), (30, 120), (100, 100), (56, 56)]

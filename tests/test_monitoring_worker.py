@@ -412,7 +412,7 @@ def test_backlog_is_unknown_when_redis_is_not_there():
 
 # -- the Grafana dashboard and the Prometheus config ------------------------------
 
-MONITORING = Path(__file__).resolve().parent.parent / "worker" / "monitoring"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 def test_dashboard_queries_only_metrics_that_exist(redis_url):
@@ -426,7 +426,7 @@ def test_dashboard_queries_only_metrics_that_exist(redis_url):
         for family in text_string_to_metric_families(generate_latest(registry).decode())
         for sample in family.samples
     } | {"flower_task_runtime_seconds_bucket", "flower_events_total"}  # seen in the live test
-    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {name for expr in exprs for name in re.findall(r"\b((?:vlmq|flower)_\w+)", expr)}
     assert used and used <= known, used - known
@@ -435,16 +435,16 @@ def test_dashboard_queries_only_metrics_that_exist(redis_url):
 
 
 def test_prometheus_scrapes_workers_exporter_and_flower_and_compose_runs_it():
-    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = {
         job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
         for job in config["scrape_configs"]
     }
     assert "worker-gpu0:9808" in targets["vlmq-worker"]
     assert targets["vlmq-queue"] == ["exporter:9809"] and targets["flower"] == ["flower:5555"]
-    compose = yaml.safe_load((MONITORING.parent.parent / "compose.yaml").read_text())
+    compose = yaml.safe_load((DEPLOY.parent / "compose.yaml").read_text())
     services = compose["services"]
-    assert any(v.startswith("./worker/monitoring/prometheus.yml:")
+    assert any(v.startswith("./deploy/prometheus.yml:")
                for v in services["prometheus"]["volumes"])  # fmt: skip
     assert services["worker-gpu0"]["environment"]["VLMQ_METRICS_ADDR"] == "0.0.0.0"
     assert services["flower"]["command"][:2] == ["celery", "--broker=redis://redis:6379/0"]

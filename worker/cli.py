@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from producer.errors import ConfigurationError
+from worker.monitoring.nvml import count_gpus
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
@@ -150,14 +151,8 @@ def _env_for(gpu: str | None) -> dict[str, str]:
 
 def _count_gpus() -> int:
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
+        return count_gpus()
     except Exception as exc:
         raise ConfigurationError(
             f"--gpus all needs NVML (nvidia-ml-py and a driver): {exc}"
         ) from exc
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()

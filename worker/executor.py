@@ -7,7 +7,6 @@ Two executors share one interface (:class:`Executor`), both Celery-free:
   between decode steps and leave as soon as they finish.
 """
 
-import dataclasses
 import logging
 import threading
 import time
@@ -22,8 +21,8 @@ from PIL import Image
 from producer.errors import InvalidRequest, ModelError, VlmqError, WrongModel
 from producer.images import decode_image
 from producer.protocol import AnalysisRequest, Limits
-from producer.results import parse_cot
-from worker.model.runner import Generation, GenerationRequest, warmup_request
+from producer.results import AnalysisResult, Timings, parse_cot
+from worker.model.generation import Generation, GenerationRequest, warmup_request
 
 logger = logging.getLogger(__name__)
 
@@ -133,17 +132,17 @@ class RequestReader:
 
     def success(self, ready: Ready, gen: Generation, gpu_ms: float, batch_size: int) -> Outcome:
         """The stored result of a finished request."""
-        stages = parse_cot(gen.text)
         queued_ms = max(0.0, (ready.admitted_at - ready.request.submitted_at) * 1000.0)
-        result = {
-            "answer": gen.text,
-            "stages": dataclasses.asdict(stages) if stages is not None else None,
-            "prompt_tokens": gen.prompt_tokens,
-            "answer_tokens": gen.answer_tokens,
-            "timings": {"queued_ms": queued_ms, "batch_size": batch_size, "gpu_ms": gpu_ms},
-            "model": self.served_model,
-        }
-        return Outcome(task_id=ready.task_id, result=result)
+        result = AnalysisResult(
+            task_id=ready.task_id,
+            answer=gen.text,
+            stages=parse_cot(gen.text),
+            prompt_tokens=gen.prompt_tokens,
+            answer_tokens=gen.answer_tokens,
+            timings=Timings(queued_ms=queued_ms, batch_size=batch_size, gpu_ms=gpu_ms),
+            model=self.served_model,
+        )
+        return Outcome(task_id=ready.task_id, result=result.to_dict())
 
 
 def failure(task_id: str, exc: VlmqError) -> Outcome:

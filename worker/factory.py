@@ -133,7 +133,7 @@ def time_full_batch(generate: Callable[[list[Any]], list[Any]], rows: int) -> Ba
     batch of ``rows`` synthetic requests, with 1 and with :data:`TIMING_TOKENS` new tokens."""
     from PIL import Image
 
-    from worker.model.runner import warmup_request
+    from worker.model.generation import warmup_request
 
     base = warmup_request()
 

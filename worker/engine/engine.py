@@ -22,7 +22,7 @@ from worker.engine.parts import MllamaParts
 from worker.engine.prefill import cross_masks, prefill_text
 from worker.engine.sampling import sample
 from worker.engine.slots import SlotCache, plan_capacity
-from worker.model.runner import Generation, GenerationRequest
+from worker.model.generation import Generation, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
