@@ -239,6 +239,11 @@ class ContinuousExecutor:
         self._lock = threading.Lock()
         self._inside: dict[str, Ready] = {}
 
+    @property
+    def engine(self) -> Any:
+        """The engine it feeds (the bench reads its counters)."""
+        return self._engine
+
     def warmup(self) -> None:
         self._engine.submit("vlmq-warmup", warmup_request())
         while self._engine.has_work():
