@@ -16,7 +16,6 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +28,10 @@ from worker.executor import (
     ContinuousExecutor,
     Executor,
     Message,
-    Outcome,
     Ready,
     RequestReader,
     StepReport,
+    WholeBatches,
     model_failure,
 )
 from worker.factory import build_executor
@@ -85,7 +84,7 @@ def new_task_id() -> str:
     return uuid.uuid4().hex
 
 
-class GenerateExecutor:
+class GenerateExecutor(WholeBatches):
     """Plain transformers ``generate`` over whatever it was given (modes a and b).
 
     It takes a new batch only when the last one is done. A batch runs to its longest answer;
@@ -93,11 +92,9 @@ class GenerateExecutor:
     """
 
     def __init__(self, model: Any, processor: Any, reader: RequestReader, max_batch: int) -> None:
+        super().__init__(reader, max_batch)
         self.model = model
         self.processor = processor
-        self.max_batch = max_batch
-        self._reader = reader
-        self._ready: list[Ready] = []
         gc = model.generation_config
         eos = gc.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -105,25 +102,11 @@ class GenerateExecutor:
         # A reachable EOS (a model not built by the bench) is held off with min_new_tokens.
         self.min_new = any(e < model.get_output_embeddings().out_features for e in self.eos)
 
-    def room(self) -> int:
-        return 0 if self._ready else self.max_batch
-
-    def has_work(self) -> bool:
-        return bool(self._ready)
-
-    def admit(self, messages: Sequence[Message]) -> list[Outcome]:
-        ready, failed = self._reader.read_all(messages)
-        self._ready.extend(ready)
-        return failed
-
-    def reset(self) -> None:
-        self._ready.clear()
-
     def warmup(self) -> None:
         """Nothing to do: the bench warms (a) and (b) up with a short request."""
 
     def step(self) -> StepReport:
-        ready, self._ready = self._ready, []
+        ready = self.take()
         t0 = time.perf_counter()
         try:
             generations = self._generate(ready)

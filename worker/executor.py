@@ -157,21 +157,17 @@ def model_failure(task_id: str, exc: Exception) -> Outcome:
     return failure(task_id, error)
 
 
-class BatchExecutor:
-    """Each batch is one transformers ``generate``; a failing batch is split and retried.
+class WholeBatches:
+    """The buffer of an executor that computes a whole batch at a time: it takes requests
+    only while idle, up to ``max_batch_size``; :meth:`take` hands the batch to its step."""
 
-    Splitting in halves means a request that breaks the model (or a batch too large for
-    memory) fails alone as :class:`ModelError` while every other request gets its answer.
-    """
-
-    def __init__(self, runner: BatchRunner, reader: RequestReader, max_batch_size: int) -> None:
-        self._runner = runner
+    def __init__(self, reader: RequestReader, max_batch_size: int) -> None:
         self._reader = reader
-        self._max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size
         self._ready: list[Ready] = []
 
     def room(self) -> int:
-        return 0 if self._ready else self._max_batch_size
+        return 0 if self._ready else self.max_batch_size
 
     def has_work(self) -> bool:
         return bool(self._ready)
@@ -181,8 +177,28 @@ class BatchExecutor:
         self._ready.extend(ready)
         return failed
 
-    def step(self) -> StepReport:
+    def reset(self) -> None:
+        self._ready.clear()
+
+    def take(self) -> list[Ready]:
+        """The batch to compute now; the buffer is empty after."""
         ready, self._ready = self._ready, []
+        return ready
+
+
+class BatchExecutor(WholeBatches):
+    """Each batch is one transformers ``generate``; a failing batch is split and retried.
+
+    Splitting in halves means a request that breaks the model (or a batch too large for
+    memory) fails alone as :class:`ModelError` while every other request gets its answer.
+    """
+
+    def __init__(self, runner: BatchRunner, reader: RequestReader, max_batch_size: int) -> None:
+        super().__init__(reader, max_batch_size)
+        self._runner = runner
+
+    def step(self) -> StepReport:
+        ready = self.take()
         t0 = time.perf_counter()
         outcomes = self._generate_isolating_failures(ready)
         model_ms = (time.perf_counter() - t0) * 1000.0
@@ -190,15 +206,6 @@ class BatchExecutor:
 
     def warmup(self) -> None:
         self._runner.warmup()
-
-    def reset(self) -> None:
-        self._ready.clear()
-
-    def run(self, messages: Sequence[Message]) -> list[Outcome]:
-        """Admit and step at once; one outcome per message, in order."""
-        outcomes = {o.task_id: o for o in self.admit(messages)}
-        outcomes.update((o.task_id, o) for o in self.step().outcomes)
-        return [outcomes[task_id] for task_id, _ in messages]
 
     def _generate_isolating_failures(self, ready: list[Ready]) -> list[Outcome]:
         if not ready:
