@@ -24,7 +24,7 @@ from bench.model_factory import build_config, build_random_model
 from worker.engine.images import ImageEncoder, ImageJob
 from worker.engine.inputs import PreparedRequest
 from worker.engine.parts import MllamaParts
-from worker.engine.prefill import prefill_text
+from worker.engine.prefill import TextPrefill
 from worker.engine.slots import SlotCache
 from worker.engine.vision import VisionGraphs, VisionTower
 
@@ -255,14 +255,18 @@ def admission_parts(config, parts, reps: int) -> dict:
         torch.cuda.empty_cache()
     cache = SlotCache(parts.geometry, 8, 256, parts.dtype, device)
     rope = parts.rope_table(256)
-    prompts = [list(range(10, 10 + 40)) for _ in range(8)]
-    rows = [torch.ones(40, 4, dtype=torch.bool) for _ in range(8)]
-    slots = torch.arange(8, device=device)
     unseen = torch.ones(8, 4, dtype=torch.bool)
-    with torch.inference_mode():
-        ms = timed(lambda: prefill_text(parts, cache, rope, slots, prompts, rows, unseen), reps)
-    out["text_prefill_8x40_ms_per_request"] = ms / 8
-    print(f"text prefill, 8 prompts of 40 tokens: {ms / 8:.2f} ms per request", flush=True)
+    for use_graphs in (False, True):
+        with torch.inference_mode():
+            prefill = TextPrefill(parts, cache, rope, use_graphs=use_graphs)
+            prefill.capture()
+            for count in (1, 8):
+                args = ([*range(count)], [[*range(10, 50)]] * count,
+                        [torch.ones(40, 4, dtype=torch.bool)] * count, unseen[:count])  # fmt: skip
+                ms = timed(lambda p=prefill, a=args: p.run(*a), reps)
+                key = f"text_prefill_{count}x40_{'graph' if use_graphs else 'eager'}"
+                out[f"{key}_ms_per_request"] = ms / count
+                print(f"{key}: {ms / count:.2f} ms per request", flush=True)
     return out
 
 

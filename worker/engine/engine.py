@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PreTrainedModel, ProcessorMixin
 
 from worker.engine.decode import DecodeStep
@@ -19,7 +18,7 @@ from worker.engine.graphs import DecodeGraphs, batch_buckets, length_buckets, pi
 from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
 from worker.engine.inputs import PreparedRequest, prepare_request, to_device
 from worker.engine.parts import MllamaParts
-from worker.engine.prefill import cross_masks, prefill_text
+from worker.engine.prefill import PREFILL_ROWS, TextPrefill, cross_masks
 from worker.engine.sampling import sample
 from worker.engine.slots import SlotCache, plan_capacity
 from worker.model.generation import Generation, GenerationRequest
@@ -27,9 +26,7 @@ from worker.model.generation import Generation, GenerationRequest
 logger = logging.getLogger(__name__)
 
 # Requests admitted together at most (their images encode in chunks of VISION_BATCHES sizes).
-MAX_PREFILL_BATCH = 8
-# Text prefill never uses cuDNN attention: it builds a plan for each new prompt width.
-PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MAX_PREFILL_BATCH = max(PREFILL_ROWS)
 
 
 @dataclass
@@ -171,10 +168,14 @@ class ContinuousEngine:
         self.images = ImageEncoder(
             self.parts, self.cache, skip_padding_tiles=skip_padding_tiles, cuda_graphs=cuda_graphs
         )
+        cuda = self.device.type == "cuda"
+        self._prefill = TextPrefill(
+            self.parts, self.cache, self._rope, use_graphs=cuda_graphs and cuda
+        )
         with torch.inference_mode():
             self._graphs.capture()
             self.images.capture()
-        cuda = self.device.type == "cuda"
+            self._prefill.capture()
         self._side_stream = torch.cuda.Stream(self.device) if cuda else None
         logger.info(
             "engine: %d slots x %d tokens, %.2f GiB of caches, graphs %s",
@@ -197,8 +198,9 @@ class ContinuousEngine:
 
     @property
     def graph_capture_s(self) -> float:
-        """Seconds the start-up graph capture took, decode and vision (0 without graphs)."""
-        return self._graphs.capture_s + self.images.graphs.capture_s
+        """Seconds the start-up graph capture took: decode, vision and text prefill (0 without
+        graphs)."""
+        return self._graphs.capture_s + self.images.graphs.capture_s + self._prefill.capture_s
 
     @property
     def free_slots(self) -> int:
@@ -496,16 +498,12 @@ class ContinuousEngine:
         device = self.device
         slot_index = to_device(torch.tensor(slots), device)
         unseen = torch.stack([self._unseen(w.prepared) for w in batch])
-        with sdpa_kernel(PREFILL_BACKENDS):
-            logits = prefill_text(
-                self.parts,
-                self.cache,
-                self._rope,
-                slot_index,
-                [w.prepared.input_ids for w in batch],
-                [w.prepared.cross_rows for w in batch],
-                unseen,
-            )
+        logits = self._prefill.run(
+            slots,
+            [w.prepared.input_ids for w in batch],
+            [w.prepared.cross_rows for w in batch],
+            unseen,
+        )
         requests = [w.request for w in batch]
         greedy = to_device(torch.tensor([r.temperature == 0 for r in requests]), device)
         temperature = to_device(torch.tensor([float(r.temperature) for r in requests]), device)

@@ -1,19 +1,33 @@
 """Text prefill of newly admitted requests (their cross K/V already in their slots), batched.
 
 Prompts are right-padded, so every row's positions start at 0 and its real tokens land at cache
-indices 0..n-1 of its slot, the same as HF's unpadded single-request run.
+indices 0..n-1 of its slot, the same as HF's unpadded single-request run. Admissions run at
+bucketed shapes (rows x width), replayed from CUDA graphs captured at start-up.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.engine.attention import apply_rope, gqa_attention
+from worker.engine.graphs import pick
 from worker.engine.inputs import to_device
 from worker.engine.parts import MllamaParts
 from worker.engine.slots import SlotCache
+
+logger = logging.getLogger(__name__)
+
+# Prompts admitted together at most, as bucket sizes; the engine admits up to the largest.
+PREFILL_ROWS = (1, 2, 4, 8)
+# Prompt width buckets; a longer prompt runs eagerly at its own width.
+PREFILL_WIDTHS = (32, 64, 128, 256, 512)
+# Never cuDNN attention: it builds a plan for each new shape, and a long prompt runs eagerly.
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def cross_masks(
@@ -33,44 +47,32 @@ def cross_masks(
     return visible.repeat_interleave(num_patches, dim=-1), sees_any.to(dtype)
 
 
-def prefill_text(
+def prefill_forward(
     parts: MllamaParts,
     cache: SlotCache,
     rope: tuple[torch.Tensor, torch.Tensor],
     slots: torch.Tensor,
-    prompts: Sequence[Sequence[int]],
-    cross_rows: Sequence[torch.Tensor],
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    lengths: torch.Tensor,
     unseen: torch.Tensor,
 ) -> torch.Tensor:
-    """Run the prompts through the decoder, writing their self K/V into ``slots``.
+    """Run right-padded prompts through the decoder, writing their self K/V into ``slots``.
 
-    Cross K/V must already be in the slots; ``unseen`` [A, tiles] as in :func:`cross_masks`.
-    Returns the logits of each prompt's last token [A, V].
+    On the device: ``slots`` [A], ``input_ids`` [A, T], ``rows`` [A, T, tiles] (the processor's
+    cross-attention rows), ``lengths`` [A], ``unseen`` [A, tiles] as in :func:`cross_masks`.
+    Cross K/V must already be in the slots. Returns the logits of each prompt's last token
+    [A, V]. No host sync and no data-dependent shape: it can be captured in a CUDA graph.
     """
     g = parts.geometry
-    device = parts.device
-    count = len(prompts)
-    lengths_list = [len(p) for p in prompts]
-    width = max(lengths_list)
-
-    input_ids = torch.zeros(count, width, dtype=torch.long)
-    rows = torch.zeros(count, width, g.max_tiles, dtype=torch.bool)
-    for i, (prompt, row) in enumerate(zip(prompts, cross_rows, strict=True)):
-        input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        rows[i, : len(prompt)] = row
-    input_ids = to_device(input_ids, device)
-    rows = to_device(rows, device)
-    lengths = to_device(torch.tensor(lengths_list), device)
-
-    positions = torch.arange(width, device=device)
+    count, width = input_ids.shape
+    positions = torch.arange(width, device=input_ids.device)
     real = positions[None, :] < lengths[:, None]  # [A, T]
     self_mask = (positions[None, :] <= positions[:, None])[None] & real[:, None, :]
-    cross_mask, row_gate = cross_masks(
-        rows, to_device(unseen, device)[:, None], g.num_patches, parts.dtype
-    )
+    cross_mask, row_gate = cross_masks(rows, unseen[:, None], g.num_patches, parts.dtype)
     cos, sin = rope[0][:width], rope[1][:width]
-    # Every row writes all ``width`` positions of its slot (no data-dependent indexing, so no
-    # host sync): K/V past a prompt's end are masked in decode until decode overwrites them.
+    # Every row writes all ``width`` positions of its slot (no data-dependent indexing): K/V
+    # past a prompt's end are masked in decode until decode overwrites them.
     write_slots = slots[:, None].expand(count, width)
     write_positions = positions[None, :].expand(count, width)
 
@@ -102,5 +104,117 @@ def prefill_text(
             hidden = hidden + attn.o_proj(gqa_attention(q, k, v, self_mask, attn.scaling))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    last = hidden[torch.arange(count, device=device), lengths - 1]
+    last = hidden[torch.arange(count, device=hidden.device), lengths - 1]
     return parts.lm_head(parts.norm(last))
+
+
+class TextPrefill:
+    """Prefills admitted prompts at bucketed shapes: rows rounded up to a ``PREFILL_ROWS`` size
+    (padding rows repeat the last prompt, so they write the same K/V to the same slot), width
+    to a ``PREFILL_WIDTHS`` size within ``max_seq_len``. On CUDA each bucket is a graph captured
+    at start-up on a pool of its own (a replay on a side stream may overlap decode graphs).
+    """
+
+    def __init__(
+        self,
+        parts: MllamaParts,
+        cache: SlotCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        *,
+        use_graphs: bool,
+    ) -> None:
+        self.parts = parts
+        self.cache = cache
+        self.rope = rope
+        self.use_graphs = use_graphs
+        self.widths = sorted({min(w, cache.max_seq_len) for w in PREFILL_WIDTHS})
+        self.capture_s = 0.0
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._static: dict[str, torch.Tensor] = {}
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first. The warm-up runs write K/V garbage into slot 0,
+        so call this before any slot is in use."""
+        if not self.use_graphs:
+            return
+        start = time.perf_counter()
+        device, tiles = self.parts.device, self.parts.geometry.max_tiles
+        rows, width = max(PREFILL_ROWS), self.widths[-1]
+        self._static = {
+            "slots": torch.zeros(rows, dtype=torch.long, device=device),
+            "input_ids": torch.zeros(rows, width, dtype=torch.long, device=device),
+            "rows": torch.zeros(rows, width, tiles, dtype=torch.bool, device=device),
+            "lengths": torch.ones(rows, dtype=torch.long, device=device),
+            "unseen": torch.ones(rows, tiles, dtype=torch.bool, device=device),
+        }
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), sdpa_kernel(PREFILL_BACKENDS):
+            for count in reversed(PREFILL_ROWS):
+                for width in reversed(self.widths):
+                    self._forward(count, width)  # warm-up: lazy inits off-graph
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        out = self._forward(count, width)
+                    self._graphs[(count, width)] = (graph, out)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        self.capture_s = time.perf_counter() - start
+        logger.info(
+            "captured %d prefill graphs (rows %s x widths %s) in %.1f s",
+            len(self._graphs), PREFILL_ROWS, self.widths, self.capture_s,
+        )  # fmt: skip
+
+    def _forward(self, count: int, width: int) -> torch.Tensor:
+        s = self._static
+        return prefill_forward(
+            self.parts, self.cache, self.rope, s["slots"][:count], s["input_ids"][:count, :width],
+            s["rows"][:count, :width], s["lengths"][:count], s["unseen"][:count],
+        )  # fmt: skip
+
+    def run(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        cross_rows: Sequence[torch.Tensor],
+        unseen: torch.Tensor,
+    ) -> torch.Tensor:
+        """Prefill ``prompts`` (token ids, with their cross-attention rows [n, tiles] and
+        ``unseen`` [A, tiles]) into ``slots``; the logits of each last token [A, V], valid
+        until the next call."""
+        count = len(prompts)
+        longest = max(len(p) for p in prompts)
+        bucket = pick(list(PREFILL_ROWS), count)
+        try:
+            width = pick(self.widths, longest)
+        except ValueError:
+            width = longest  # beyond the largest bucket: eager at its own width
+        pad = [count - 1] * (bucket - count)
+        order = [*range(count), *pad]
+        input_ids = torch.zeros(bucket, width, dtype=torch.long)
+        rows = torch.zeros(bucket, width, self.parts.geometry.max_tiles, dtype=torch.bool)
+        for i, source in enumerate(order):
+            prompt = prompts[source]
+            input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            rows[i, : len(prompt)] = cross_rows[source]
+        host = {
+            "slots": torch.tensor([slots[i] for i in order], dtype=torch.long),
+            "input_ids": input_ids,
+            "rows": rows,
+            "lengths": torch.tensor([len(prompts[i]) for i in order], dtype=torch.long),
+            "unseen": unseen[order],
+        }
+        graph = self._graphs.get((bucket, width))
+        if graph is None:
+            device = self.parts.device
+            inputs = {name: to_device(tensor, device) for name, tensor in host.items()}
+            with sdpa_kernel(PREFILL_BACKENDS):
+                return prefill_forward(self.parts, self.cache, self.rope, **inputs)[:count]
+        for name, tensor in host.items():
+            target = self._static[name][:bucket]
+            if tensor.dim() > 1 and name != "unseen":
+                target = target[:, :width]
+            target.copy_(tensor.pin_memory(), non_blocking=True)
+        graph[0].replay()
+        return graph[1][:count]
