@@ -55,7 +55,7 @@ def build_executor(
     """Load the one resident model, build its executor, warm it up; fail fast on bad settings.
 
     ``loaded`` is a ``(model, processor)`` already loaded with these settings (the bench loads
-    the weights once for several executors); else :func:`worker.model.loading.load_model`.
+    the weights once for several executors); else :func:`load`.
 
     With ``visibility_timeout_s`` (the broker's), also time a full batch after the warm-up and
     refuse a timeout shorter than a message can stay unacked (:func:`check_visibility_timeout`).

@@ -192,11 +192,11 @@ class BatchLoop:
             return
         arrivals = {item.id: arrived for arrived, item in taken}
         done_before = self._delivery.already_stored(live)
-        if done_before:
-            logger.info("Tasks %s already have a result; finishing their redelivery", done_before)
-            self._delivery.finish(
-                [Completion(item, None, 0.0, 0) for item in live if item.id in done_before]
-            )
+        redelivered = [item for item in live if item.id in done_before]
+        for item in redelivered:
+            logger.info("Task %s already has a result; finishing its redelivery", item.id)
+        if redelivered:
+            self._delivery.finish([Completion(item, None, 0.0, 0) for item in redelivered])
         # Another delivery of a task that is inside the executor (its message came back while
         # it ran, e.g. restored on a reconnect): it is finished with the first one's outcome.
         unique: dict[str, Any] = {}
