@@ -1,5 +1,6 @@
 # vlmq — the two set-up commands are `make demo` and `make test`.
-PYTHON ?= python3
+# The one Python version pyproject.toml's requires-python allows and CI tests.
+PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch where the machine has it; a GPU host may set TORCH_SPEC=torch.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from producer.client import Client, TaskHandle
@@ -25,11 +26,19 @@ from producer.errors import (
     InvalidRequest,
     ModelError,
     QueueFull,
+    TaskExpired,
+    TaskRevoked,
     VlmqError,
+    WrongModel,
 )
 from producer.images import ImageSource
 from producer.protocol import Limits
 from producer.results import AnalysisResult, CotStages, Timings
+
+try:
+    __version__ = version("vlmq")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AnalysisResult",
@@ -44,9 +53,12 @@ __all__ = [
     "ModelError",
     "QueueFull",
     "Settings",
+    "TaskExpired",
     "TaskHandle",
+    "TaskRevoked",
     "Timings",
     "VlmqError",
+    "WrongModel",
     "submit",
     "submit_many",
 ]

@@ -15,13 +15,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from producer import __version__
 from producer.client import Client, TaskHandle
 from producer.config import Settings
 from producer.errors import ConfigurationError, VlmqError
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmq", description="Image analysis with Llama-3.2-Vision over Celery and Redis."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     submit = commands.add_parser(
@@ -90,6 +92,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="0-9",
         help="0 is the highest, 9 the lowest (default: 0)",
     )
+    submit.add_argument(
+        "--expires",
+        type=float,
+        metavar="S",
+        help="drop a task no worker has started within S seconds (it ends TaskExpired)",
+    )
+    submit.add_argument(
+        "--model",
+        metavar="ID",
+        help="the served model id, e.g. llama-3.2v-11b-cot.bf16 (default: any worker)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait for and print the results")
     submit.add_argument(
         "--timeout",
@@ -104,6 +117,26 @@ def _parser() -> argparse.ArgumentParser:
         help="allow URLs of private, loopback and link-local hosts",
     )
     submit.set_defaults(run=_submit)
+
+    result = commands.add_parser(
+        "result",
+        help="wait for and print the results of submitted tasks",
+        description="Print each task's result, or its named error, once it has finished.",
+    )
+    result.add_argument("task_ids", nargs="+", metavar="ID")
+    result.add_argument(
+        "--timeout", type=float, metavar="S", help="seconds to wait for all (default: forever)"
+    )
+    result.add_argument("--json", action="store_true", help="print one JSON object per line")
+    result.set_defaults(run=_result)
+
+    revoke = commands.add_parser(
+        "revoke",
+        help="revoke tasks: a task no worker has started never runs",
+        description="Revoke tasks by id; a task already inside the model finishes.",
+    )
+    revoke.add_argument("task_ids", nargs="+", metavar="ID")
+    revoke.set_defaults(run=_revoke)
 
     for name, summary in WORKER_COMMANDS.items():  # listed for --help; main() forwards them
         commands.add_parser(name, help=summary, add_help=False)
@@ -141,14 +174,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _submit(args: argparse.Namespace) -> int:
+def _with_client(run: Callable[[Client, argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(client, args)`` with a client from the environment; Redis errors exit 1."""
     try:
-        client = Client(allow_private_urls=args.allow_private_urls)
+        client = Client(allow_private_urls=getattr(args, "allow_private_urls", False))
     except ConfigurationError as exc:
         print(f"vlmq: {exc}", file=sys.stderr)
         return 2
     try:
-        return _submit_with(client, args)
+        return run(client, args)
     except (OperationalError, RedisError) as exc:
         print(f"vlmq: cannot use Redis at {client.settings.redacted_url}: {exc}", file=sys.stderr)
         return 1
@@ -156,9 +190,31 @@ def _submit(args: argparse.Namespace) -> int:
         client.close()
 
 
+def _submit(args: argparse.Namespace) -> int:
+    return _with_client(_submit_with, args)
+
+
+def _result(args: argparse.Namespace) -> int:
+    def run(client: Client, args: argparse.Namespace) -> int:
+        handles = [(None, client.handle(task_id)) for task_id in args.task_ids]
+        return 0 if _wait(args, handles) else 1
+
+    return _with_client(run, args)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    def run(client: Client, args: argparse.Namespace) -> int:
+        for task_id in args.task_ids:
+            client.handle(task_id).revoke()
+            print(f"revoked {task_id}", flush=True)
+        return 0
+
+    return _with_client(run, args)
+
+
 def _submit_with(client: Client, args: argparse.Namespace) -> int:
     failed = False
-    handles: list[tuple[str, TaskHandle]] = []
+    handles: list[tuple[str | None, TaskHandle]] = []
     for image in args.images:
         try:
             handle = client.submit(
@@ -168,6 +224,8 @@ def _submit_with(client: Client, args: argparse.Namespace) -> int:
                 temperature=args.temperature,
                 top_p=args.top_p,
                 priority=args.priority,
+                expires=args.expires,
+                model=args.model,
             )
         except VlmqError as exc:
             failed = True
@@ -182,8 +240,9 @@ def _submit_with(client: Client, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _wait(args: argparse.Namespace, handles: list[tuple[str, TaskHandle]]) -> bool:
-    """Print each result as it is collected; True when all succeeded in time."""
+def _wait(args: argparse.Namespace, handles: list[tuple[str | None, TaskHandle]]) -> bool:
+    """Print each result as it is collected, under its image (None: by task id only);
+    True when all succeeded in time."""
     succeeded = True
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     for image, handle in handles:
@@ -194,9 +253,10 @@ def _wait(args: argparse.Namespace, handles: list[tuple[str, TaskHandle]]) -> bo
             succeeded = False
             _print_error(args, image, handle.id, exc)
             continue
-        _print_line(
-            args, {"image": image, "task_id": handle.id, **result.to_dict()}, _text(image, result)
-        )
+        record = {"task_id": handle.id, **result.to_dict()}
+        if image is not None:
+            record["image"] = image
+        _print_line(args, record, _text(image, result))
     return succeeded
 
 
@@ -204,16 +264,21 @@ def _print_line(args: argparse.Namespace, record: dict[str, Any], text: str) -> 
     print(json.dumps(record, ensure_ascii=False) if args.json else text, flush=True)
 
 
-def _print_error(args: argparse.Namespace, image: str, task_id: str | None, exc: Exception) -> None:
+def _print_error(
+    args: argparse.Namespace, image: str | None, task_id: str | None, exc: Exception
+) -> None:
     if args.json:
-        record = {"image": image, "task_id": task_id, "error": type(exc).__name__}
-        print(json.dumps({**record, "message": str(exc)}, ensure_ascii=False), flush=True)
+        record = {"task_id": task_id, "error": type(exc).__name__, "message": str(exc)}
+        if image is not None:
+            record["image"] = image
+        print(json.dumps(record, ensure_ascii=False), flush=True)
     else:
-        print(f"{image}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"{image or task_id}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
-def _text(image: str, result: AnalysisResult) -> str:
-    lines = [f"== {image} (task {result.task_id})", result.answer]
+def _text(image: str | None, result: AnalysisResult) -> str:
+    heading = f"{image} (task {result.task_id})" if image is not None else f"task {result.task_id}"
+    lines = [f"== {heading}", result.answer]
     if result.stages is not None:
         for stage, text in vars(result.stages).items():
             if text is not None:

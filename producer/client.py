@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -9,17 +10,18 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, states
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from producer import errors
+from producer.aio import AsyncResultReader
 from producer.claimcheck import ImageStore
 from producer.config import Settings, is_redis_url, make_celery_app
 from producer.images import ImageSource, decode_image, read_image_source
@@ -44,9 +46,10 @@ RESULT_POLL_S = 2.0
 class TaskHandle:
     """A submitted task: its id, its state, and a way to wait for its result."""
 
-    def __init__(self, task_id: str, app: Celery) -> None:
+    def __init__(self, task_id: str, app: Celery, reader: AsyncResultReader | None = None) -> None:
         self.id = task_id
         self._async = AsyncResult(task_id, app=app)
+        self._reader = reader
 
     def __repr__(self) -> str:
         return f"TaskHandle({self.id!r})"
@@ -90,6 +93,43 @@ class TaskHandle:
                         f"task {self.id} has not finished after {timeout:.3g} s "
                         f"(state {self.state})"
                     ) from None
+        return self._finish(outcome)
+
+    async def aresult(self, timeout: float | None = None) -> AnalysisResult:
+        """:meth:`result` for asyncio: awaits the stored result without blocking the loop.
+
+        Raises:
+            TimeoutError: the task has not finished in time.
+            VlmqError: the task failed, as in :meth:`result`.
+        """
+        backend = self._async.backend
+        if self._reader is None:
+            self._reader = AsyncResultReader(backend.url)
+        raw = await self._reader.wait(
+            backend.get_key_for_task(self.id),
+            lambda raw: backend.decode_result(raw)["status"] in states.READY_STATES,
+            timeout,
+        )
+        if raw is None:
+            raise TimeoutError(f"task {self.id} has not finished after {timeout:.3g} s")
+        meta = backend.decode_result(raw)
+        if meta["status"] == states.SUCCESS:
+            return self._finish(meta["result"])
+        return self._finish(backend.exception_to_python(meta["result"]))
+
+    def revoke(self) -> None:
+        """Revoke the task: a worker drops it unrun, and :meth:`result` raises
+        :class:`~producer.errors.TaskRevoked`.
+
+        The revocation is stored as the task's outcome, so a worker that starts later (or
+        missed the broadcast) acks the task without running it. A task already inside the
+        model finishes, and its result then replaces the revocation.
+        """
+        if not self.ready():
+            self._async.backend.mark_as_revoked(self.id, "revoked")
+        self._async.revoke()
+
+    def _finish(self, outcome: Any) -> AnalysisResult:
         if isinstance(outcome, BaseException):
             raise _named_error(self.id, outcome) from outcome
         return AnalysisResult.from_dict(self.id, outcome)
@@ -170,6 +210,10 @@ class Client:
         return self._given_app or make_celery_app(self.settings)
 
     @cached_property
+    def _reader(self) -> AsyncResultReader:
+        return AsyncResultReader(self.app.backend.url)
+
+    @cached_property
     def images(self) -> ImageStore:
         """The claim-check store the images go to."""
         return self._given_images or ImageStore(self._redis, self.settings.image_ttl_s)
@@ -225,6 +269,11 @@ class Client:
         )
         return self._send([prepared])[0]
 
+    async def asubmit(self, image: ImageSource, question: str, **options: Any) -> TaskHandle:
+        """:meth:`submit` for asyncio: reading and checking the image and sending run in a
+        worker thread, so the event loop never waits on them; same arguments and errors."""
+        return await asyncio.to_thread(self.submit, image, question, **options)
+
     def submit_many(self, items: Iterable[Mapping[str, Any] | tuple[Any, ...]]) -> list[TaskHandle]:
         """Submit several tasks: each item is ``(image, question)`` or a mapping of
         :meth:`submit`'s arguments by name (``image``, ``question``, options).
@@ -246,7 +295,7 @@ class Client:
 
     def handle(self, task_id: str) -> TaskHandle:
         """The handle of a task submitted earlier, perhaps by another process."""
-        return TaskHandle(task_id, self.app)
+        return TaskHandle(task_id, self.app, self._reader)
 
     def close(self) -> None:
         """Release the Redis connections this client opened."""
@@ -352,7 +401,7 @@ class Client:
                 except redis.RedisError:
                     logger.warning("Could not drop %d unsent tasks from the ledger", len(entries))
             raise
-        return [TaskHandle(entry.task_id, self.app) for entry in entries]
+        return [TaskHandle(entry.task_id, self.app, self._reader) for entry in entries]
 
 
 def _expiry(expires: float | datetime | None) -> str | None:
@@ -362,7 +411,7 @@ def _expiry(expires: float | datetime | None) -> str | None:
     if isinstance(expires, datetime):
         return expires.isoformat()
     try:
-        return (datetime.now(timezone.utc) + timedelta(seconds=expires)).isoformat()
+        return (datetime.now(UTC) + timedelta(seconds=expires)).isoformat()
     except (OverflowError, ValueError):
         raise errors.InvalidRequest(
             f"expires must be a finite number of seconds from now, got {expires!r}"

@@ -22,6 +22,7 @@ import redis
 
 from producer.keys import LEDGER_ENTRIES, LEDGER_SEEN
 from producer.protocol import TASK_NAME
+from producer.queues import routed_queue
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class LedgerEntry:
             TASK_NAME,
             kwargs=self.kwargs,
             task_id=self.task_id,
-            queue=self.queue,
+            queue=routed_queue(self.queue, app.conf.task_default_queue),
             priority=self.priority,
             expires=self.expires,
             producer=producer,

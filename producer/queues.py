@@ -1,4 +1,7 @@
-"""How deep a vlmq queue is and how long its oldest task has waited — read from Redis.
+"""vlmq's queues in Redis: how they are routed, how deep they are, how old their oldest task is.
+
+Every queue is bound to one direct exchange, named like the shared queue (``vlmq``), under
+its own name as routing key: a message reaches exactly the queue it names.
 
 With ``queue_order_strategy=priority`` kombu keeps one Redis list per priority step:
 ``vlmq`` (priority 0) and ``vlmq<sep>1`` … ``vlmq<sep>9`` (kombu's separator, left at its
@@ -12,9 +15,33 @@ import time
 from dataclasses import dataclass
 
 import redis
+from kombu import Exchange, Queue
 from kombu.transport.redis import Channel
 
 PRIORITY_STEPS = range(10)
+
+
+def routed_queue(name: str, exchange: str) -> Queue:
+    """Queue ``name`` bound to the direct ``exchange`` with routing key ``name``."""
+    return Queue(name, Exchange(exchange, type="direct"), routing_key=name)
+
+
+def drop_stale_bindings(client: redis.Redis, exchange: str) -> list[str]:
+    """Unbind from ``exchange`` every queue bound under a routing key other than its name.
+
+    Before routing was exact, every queue was bound under the key ``vlmq``, so one publish
+    reached them all; kombu keeps bindings forever. Returns the queues unbound.
+    """
+    key = Channel.keyprefix_queue % exchange
+    stale, queues = [], []
+    for member in client.smembers(key):
+        routing_key, _pattern, queue = member.decode().split(Channel.sep)
+        if routing_key != queue:
+            stale.append(member)
+            queues.append(queue)
+    if stale:
+        client.srem(key, *stale)
+    return queues
 
 
 def priority_lists(queue: str) -> list[str]:

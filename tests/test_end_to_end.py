@@ -6,7 +6,7 @@ import struct
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -124,7 +124,7 @@ def test_revoked_and_expired_tasks_never_reach_the_model(start_worker, redis_url
     settings = Settings.from_env({"REDIS_URL": redis_url})
     client = Client(settings)
     expired = client.submit(
-        good_image(1), "Too late?", expires=datetime.now(timezone.utc) - timedelta(seconds=1)
+        good_image(1), "Too late?", expires=datetime.now(UTC) - timedelta(seconds=1)
     )
     revoked = client.submit(good_image(2), "Cancelled?")
     make_celery_app(settings).control.revoke(revoked.id)

@@ -5,6 +5,7 @@ One worker serves every check, to keep the file well under a minute on two cores
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -93,6 +94,11 @@ def page(url: str) -> str:
     return chromium("--dump-dom", url)
 
 
+def other_stats(html: str) -> dict[str, str]:
+    """The ``vlmq_*`` rows of the "Other" tab of Flower's worker page."""
+    return dict(re.findall(r"<td>(vlmq_\w+)</td>\s*<td[^>]*>([^<]*)</td>", html))
+
+
 def test_flower_metrics_top_and_report_show_a_live_worker(
     start_worker, redis_url: str, flower: str, tmp_path: Path
 ):
@@ -140,9 +146,26 @@ def test_flower_metrics_top_and_report_show_a_live_worker(
     assert tasks_page.count("SUCCESS") >= min(TASKS, 10)
     task_page = page(f"{flower}/task/{handles[0].id}")
     assert "SUCCESS" in task_page and "Runtime" in task_page and host in task_page
+    # Each task's batch size and token counts, on its page (the event's result).
+    assert f"'batch_size': {results[0].timings.batch_size}" in task_page
+    assert f"'answer_tokens': {results[0].answer_tokens}" in task_page
     workers_page = page(f"{flower}/workers")
     assert host in workers_page and "Online" in workers_page
-    assert "vlmq.analyze" in get(f"{flower}/worker/{host}")  # inspect replies reach Flower
+    # The worker page's "Other" tab: the figures of `inspect stats`, fetched again on each
+    # visit (a visit shows what the one before fetched).
+    worker_url = f"{flower}/worker/{host}"
+    wait_for(lambda: other_stats(get(worker_url)).get("vlmq_tasks_total") == str(TASKS),
+             "Flower's worker page to show every task")  # fmt: skip
+    worker_page = page(worker_url)
+    assert "vlmq.analyze" in worker_page  # inspect replies reach Flower
+    other = other_stats(worker_page)
+    assert other["vlmq_gpu"] == "no GPU"  # this machine has none: said, not a crash
+    assert not [key for key in other if key.startswith("vlmq_gpu_")]
+    assert float(other["vlmq_batch_size_mean"]) > 1
+    assert float(other["vlmq_tokens_per_second"]) >= 0
+    assert float(other["vlmq_queue_wait_ms"]) >= 0
+    assert int(other["vlmq_slots_in_use"]) >= 0
+    assert other["vlmq_model"].endswith(".fp32") and other["vlmq_device"] == "cpu"
     shot = tmp_path / "flower.png"
     chromium("--window-size=1280,720", f"--screenshot={shot}", f"{flower}/tasks")
     with Image.open(shot) as img:

@@ -34,9 +34,11 @@ from producer.events import (
 )
 from producer.exporter import QueueCollector
 from producer.queues import priority_lists
+from worker.celery_delivery import shown_result
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
 from worker.monitoring.bootstep import MonitoringStep
+from worker.monitoring.flower import NO_GPU, stats_fields
 from worker.monitoring.metrics import WorkerMetrics, serve_metrics
 from worker.monitoring.monitor import WorkerMonitor
 from worker.monitoring.nvml import GpuProbe, gpu_selector
@@ -447,7 +449,7 @@ def test_prometheus_scrapes_workers_exporter_and_flower_and_compose_runs_it():
     assert any(v.startswith("./deploy/prometheus.yml:")
                for v in services["prometheus"]["volumes"])  # fmt: skip
     assert services["worker-gpu0"]["environment"]["VLMQ_METRICS_ADDR"] == "0.0.0.0"
-    assert services["flower"]["command"][:2] == ["celery", "--broker=redis://redis:6379/0"]
+    assert '--broker="$$REDIS_URL" flower' in " ".join(services["flower"]["command"])
 
 
 def test_a_failing_loop_callback_does_not_drop_the_others(caplog):
@@ -466,3 +468,43 @@ def test_a_failing_loop_callback_does_not_drop_the_others(caplog):
         loop.run()
     assert ran == ["ack"]
     assert "reject" in caplog.text and "Redis is gone" in caplog.text
+
+
+# -- Flower: inspect stats ----------------------------------------------------
+
+
+def test_inspect_stats_carries_the_figures_flower_shows():
+    outbox, _ = attached(Dispatcher())
+    monitor = WorkerMonitor(WorkerMetrics({}), outbox)
+    assert stats_fields("tiny.fp32", "cpu", monitor.row()) == {
+        "vlmq_model": "tiny.fp32",
+        "vlmq_device": "cpu",
+    }
+    monitor.on_sample(GpuReading(), 2, 3)
+    monitor.on_batch(engine_report())
+    cpu = stats_fields("tiny.fp32", "cpu", monitor.row())
+    assert cpu["vlmq_gpu"] == NO_GPU
+    assert not [key for key in cpu if key.startswith("vlmq_gpu_")]
+    assert cpu["vlmq_slots_in_use"] == 7 and cpu["vlmq_batch_size_last"] == 6.5
+    assert cpu["vlmq_queue_wait_ms"] == 12.5 and cpu["vlmq_queue_depth"] == 2
+
+    reading = GpuReading("H100", 87.0, 60 * 2**30, 80 * 2**30, 400.5, 61.0)
+    monitor.on_sample(reading, 0, 0)
+    gpu = stats_fields("tiny.bf16", "cuda", monitor.row())
+    assert gpu["vlmq_gpu"] == "H100" and gpu["vlmq_gpu_utilization_percent"] == 87
+    assert gpu["vlmq_gpu_memory_used_gib"] == 60 and gpu["vlmq_gpu_memory_total_gib"] == 80
+    assert gpu["vlmq_gpu_power_watts"] == 400.5
+    # Two samples around a report of 20 steps of 6.5 rows and 40 answer tokens.
+    assert gpu["vlmq_batch_size_mean"] == 6.5 and gpu["vlmq_tasks_total"] == 3
+    assert gpu["vlmq_tokens_per_second"] > 0
+    assert not set(gpu) & set(Worker._fields)
+
+
+def test_a_task_event_shows_the_figures_before_a_long_answer():
+    result = {"answer": "word " * 1000, "stages": None, "prompt_tokens": 17,
+              "answer_tokens": 1000, "timings": {"queued_ms": 1.0, "batch_size": 6,
+              "gpu_ms": 9.0}, "model": "tiny.fp32"}  # fmt: skip
+    shown = shown_result(result)
+    assert len(shown) <= 1030
+    assert shown.index("'batch_size': 6") < shown.index("'answer'")
+    assert "'prompt_tokens': 17" in shown and "'answer_tokens': 1000" in shown

@@ -1,9 +1,11 @@
 """The ``vlmq`` command line."""
 
 import base64
+import importlib.metadata
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -12,13 +14,15 @@ from pathlib import Path
 import pytest
 import redis
 from celery import states
+from conftest import REDIS_TEST_URL
 from PIL import Image
 
+import producer
 from producer.cli import main
 from producer.config import Settings, make_celery_app
 from producer.errors import ModelError
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = REDIS_TEST_URL  # the tests' own database (conftest)
 
 
 @pytest.fixture
@@ -71,6 +75,16 @@ def test_submit_json_and_a_bad_image(r: redis.Redis, images: list[str], capsys) 
         },
     ]
     assert "No such file" in lines[1]["message"]
+
+
+STORED = {
+    "answer": "Red",
+    "stages": None,
+    "prompt_tokens": 10,
+    "answer_tokens": 1,
+    "timings": {"queued_ms": 1.0, "batch_size": 3, "gpu_ms": 2.0},
+    "model": "tiny",
+}
 
 
 def _answer_queue(stop: threading.Event) -> None:
@@ -202,3 +216,59 @@ def test_help_lists_commands(capsys) -> None:
     out = capsys.readouterr().out
     for command in ("submit", "worker", "make-tiny-model", "demo"):
         assert command in out
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vlmq {producer.__version__}"
+    assert producer.__version__ == importlib.metadata.version("vlmq")
+
+
+@pytest.mark.integration
+def test_submit_with_expires_and_model(r: redis.Redis, images: list[str], capsys) -> None:
+    argv = ["submit", images[0], "-q", "Color?", "--expires", "60", "--model", "tiny.fp32"]
+    assert main(argv) == 0
+    (task_id,) = capsys.readouterr().out.split()
+    assert queued_ids(r, "vlmq.tiny.fp32") == [task_id] and not r.llen("vlmq")
+    headers = json.loads(r.lindex("vlmq.tiny.fp32", 0))["headers"]
+    assert headers["expires"] is not None
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex")
+def test_result_and_revoke_by_id(r: redis.Redis, images: list[str], capsys) -> None:
+    assert main(["submit", *images, "-q", "Color?"]) == 0
+    answered, revoked = capsys.readouterr().out.split()
+    r.delete("vlmq")  # the stand-in worker below answers only the first
+    app = make_celery_app(Settings(redis_url=REDIS_URL))
+    app.backend.store_result(answered, STORED, states.SUCCESS)
+    assert main(["revoke", revoked]) == 0
+    assert capsys.readouterr().out.strip() == f"revoked {revoked}"
+    assert main(["result", answered, revoked, "--json", "--timeout", "5"]) == 1
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first == {"task_id": answered, **STORED}
+    assert second["task_id"] == revoked and second["error"] == "TaskRevoked"
+    assert main(["result", answered]) == 0
+    assert f"== task {answered}" in capsys.readouterr().out
+
+
+def test_the_cli_runs_on_the_base_install_without_torch(tmp_path: Path) -> None:
+    """The producer side never imports torch or transformers (`pip install vlmq`)."""
+    script = (
+        "import sys; sys.modules.update(torch=None, transformers=None)\n"
+        "from producer.cli import main\n"
+        "for argv in (['submit', '--help'], ['result', '--help'], ['revoke', '--help'], "
+        "['--version']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, (argv, exc.code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "--expires S" in done.stdout and "--model ID" in done.stdout

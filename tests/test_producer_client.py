@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import states
+from conftest import REDIS_TEST_URL
 from PIL import Image
 
 import producer
@@ -27,7 +28,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Call to deprecated setex"),
 ]
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = REDIS_TEST_URL  # the tests' own database (conftest)
 
 
 def png(color: tuple[int, int, int] = (255, 0, 0)) -> bytes:

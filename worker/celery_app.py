@@ -1,19 +1,30 @@
-"""Build the worker's Celery app: the producer's shared config plus the batching parts."""
+"""Build the worker's Celery app: the producer's shared config plus the batching parts.
 
-from typing import Any
+The bootsteps are named, not imported: they pull in torch and transformers, which only a
+worker needs — ``celery -A worker.app inspect ping`` loads neither.
+"""
 
-from celery import Celery, Task
-from kombu import Queue
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, Task, signals
 
 from producer.claimcheck import ImageStore
 from producer.config import Settings, make_celery_app
+from producer.errors import ConfigurationError
 from producer.protocol import TASK_NAME, model_queue
-from worker.bootstep import BatchingStep
-from worker.executor import ImageSource
-from worker.monitoring.bootstep import MonitoringStep
+from producer.queues import routed_queue
 from worker.parts import WorkerParts
 from worker.settings import WorkerSettings
 from worker.strategy import batching_strategy
+
+if TYPE_CHECKING:
+    from worker.executor import ImageSource
+
+WORKER_STEPS = (
+    "worker.routing:RoutingStep",
+    "worker.bootstep:BatchingStep",
+    "worker.monitoring.bootstep:MonitoringStep",
+)
 
 
 class AnalyzeTask(Task):
@@ -32,24 +43,21 @@ class AnalyzeTask(Task):
 
 def create_worker_app(
     settings: Settings,
-    worker_settings: WorkerSettings,
+    worker_settings: WorkerSettings | None = None,
     *,
-    image_source: ImageSource | None = None,
+    image_source: "ImageSource | None" = None,
 ) -> Celery:
     """The app that ``celery -A worker.app worker`` runs.
 
+    ``worker_settings`` None: read from the environment (:meth:`WorkerSettings.from_env`);
+    when they are missing or wrong, only a worker refuses to start (with the message), so
+    other celery commands (``inspect``, ``control``, ``events``) need no ``VLMQ_MODEL``.
     ``image_source`` defaults to the Redis claim-check store at ``settings.redis_url``.
     """
     app = make_celery_app(settings, name="vlmq-worker")
     app.conf.update(
-        # The shared queue (any model) and this model's own queue.
-        task_queues=[
-            Queue(settings.queue),
-            Queue(model_queue(settings.queue, worker_settings.served_model)),
-        ],
         worker_pool="solo",
         worker_concurrency=1,
-        worker_prefetch_multiplier=worker_settings.prefetch_count,
         worker_hijack_root_logger=True,
         # A result that cannot be stored while Redis restarts is retried (with backoff, for
         # up to about a minute) rather than its task requeued and computed again.
@@ -60,8 +68,31 @@ def create_worker_app(
         import redis
 
         image_source = ImageStore(redis.Redis.from_url(settings.redis_url), settings.image_ttl_s)
-    app.vlmq = WorkerParts(worker_settings, image_source)
-    app.steps["worker"].add(BatchingStep)
-    app.steps["worker"].add(MonitoringStep)
+    app.steps["worker"].update(WORKER_STEPS)
     app.register_task(AnalyzeTask())
+    if worker_settings is None:
+        try:
+            worker_settings = WorkerSettings.from_env()
+        except ConfigurationError as exc:
+            _refuse_workers(app, exc)
+            return app
+    app.conf.update(
+        # The shared queue (any model) and this model's own queue, each under its own key.
+        task_queues=[
+            routed_queue(settings.queue, settings.queue),
+            routed_queue(model_queue(settings.queue, worker_settings.served_model), settings.queue),
+        ],
+        worker_prefetch_multiplier=worker_settings.prefetch_count,
+    )
+    app.vlmq = WorkerParts(worker_settings, image_source)
     return app
+
+
+def _refuse_workers(app: Celery, error: ConfigurationError) -> None:
+    """Make a worker of ``app`` exit with ``error`` as soon as it is created."""
+
+    def refuse(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        if instance is not None and instance.app is app:
+            raise SystemExit(f"vlmq worker: {error}")
+
+    signals.celeryd_init.connect(refuse, weak=False)

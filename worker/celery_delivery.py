@@ -117,7 +117,7 @@ def _announce(c: Completion) -> None:
         result = outcome.result or {}
         req.send_event(
             "task-succeeded",
-            result=saferepr(result, maxlen=1024),
+            result=shown_result(result),
             runtime=c.runtime_s,
             batch_size=c.batch_size,
             prompt_tokens=result.get("prompt_tokens"),
@@ -132,3 +132,16 @@ def _announce(c: Completion) -> None:
             runtime=c.runtime_s,
             batch_size=c.batch_size,
         )
+
+
+#: The texts of a result, shown after its figures in the ``task-succeeded`` event.
+_TEXT_FIELDS = ("answer", "stages")
+
+
+def shown_result(result: dict[str, Any], maxlen: int = 1024) -> str:
+    """The result as a ``task-succeeded`` event carries it (Flower's task page shows it):
+    token counts, timings and batch size first, so a long answer cut at ``maxlen`` never
+    hides them."""
+    ordered = {k: v for k, v in result.items() if k not in _TEXT_FIELDS}
+    ordered.update({k: result[k] for k in _TEXT_FIELDS if k in result})
+    return saferepr(ordered, maxlen=maxlen)

@@ -21,7 +21,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 def celery_worker_argv(
     gpu: str | int | None = None,
-    loglevel: str = "info",
+    loglevel: str | None = "info",
     extra: Sequence[str] = (),
     *,
     node: str | None = None,
@@ -29,13 +29,14 @@ def celery_worker_argv(
     """The one ``celery -A worker.app worker`` command line (the CLI, demo, bench and tests).
 
     ``node`` names the worker (default ``vlmq-gpu<N>@%h`` for ``gpu``, else ``vlmq@%h``);
-    ``extra`` goes last, e.g. ``--without-mingle``.
+    ``loglevel`` None leaves Celery's default; ``extra`` goes last, e.g. ``--without-mingle``.
     """
     if node is None:
         node = f"vlmq-gpu{gpu}@%h" if gpu is not None else "vlmq@%h"
+    level = [] if loglevel is None else [f"--loglevel={loglevel}"]
     return [
         sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "--pool=solo", f"--loglevel={loglevel}", "-n", node, *extra,
+        "--pool=solo", *level, "-n", node, *extra,
     ]  # fmt: skip
 
 

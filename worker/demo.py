@@ -1,8 +1,10 @@
 """``vlmq demo``: the whole path on the tiny model, on this machine, in under a minute.
 
-Broker, in order of preference: the Redis at ``REDIS_URL`` if it answers; else a
-private ``redis-server`` started here; else Celery's in-memory transport with the
-worker and the producer in this one process. It says which one it uses.
+Broker, in order of preference: an empty database of the Redis at ``REDIS_URL`` if it
+answers (the highest numbered one, emptied again when the demo ends: the demo's keys and queue
+bindings never mix with others'); else a private ``redis-server`` started here; else Celery's
+in-memory transport with the worker and the producer in this one process. It says which one
+it uses and where it wrote.
 """
 
 import contextlib
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,15 +81,26 @@ def _broker() -> Iterator[tuple[str, str]]:
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1).ping()
     except (redis.ConnectionError, redis.TimeoutError, ValueError):
-        pass
+        found = "no Redis answers"
     else:
-        print(f"Broker: the Redis at {Settings.from_env({'REDIS_URL': url}).redacted_url}")
-        yield "redis", url
-        return
+        db = _empty_database(url)
+        if db is not None:
+            demo_url = _with_database(url, db)
+            shown = Settings.from_env({"REDIS_URL": demo_url}).redacted_url
+            print(f"Broker: the Redis at {shown} (database {db} was empty; emptied again after)")
+            try:
+                yield "redis", demo_url
+            finally:
+                with redis.Redis.from_url(demo_url) as client:
+                    removed = client.dbsize()
+                    client.flushdb()
+                print(f"Removed the demo's {removed} keys from {shown}")
+            return
+        found = "no database is empty in the Redis"
     binary = shutil.which("redis-server")
     if binary is None:
         print(
-            f"Broker: no Redis answers at {url} and there is no redis-server binary, so the "
+            f"Broker: {found} at {url} and there is no redis-server binary, so the "
             "demo falls back to Celery's in-memory transport: worker and producer share "
             "this one process"
         )
@@ -99,8 +113,8 @@ def _broker() -> Iterator[tuple[str, str]]:
             stdout=subprocess.DEVNULL,
         )
         print(
-            f"Broker: no Redis answers at {url}; started a private embedded redis-server "
-            f"on 127.0.0.1:{port} for this demo"
+            f"Broker: {found} at {url}; started a private embedded redis-server "
+            f"on 127.0.0.1:{port} for this demo (gone when it ends)"
         )
         try:
             _wait_for_redis(f"redis://127.0.0.1:{port}/0")
@@ -172,6 +186,25 @@ def _submit_and_print(client: Client) -> int:
         f"{time.perf_counter() - t0:.1f} s; batch sizes seen: {seen}"
     )
     return 1 if failures else 0
+
+
+def _empty_database(url: str) -> int | None:
+    """The highest numbered empty database of the Redis at ``url`` (of the 16 it has by
+    default), or None."""
+    import redis
+
+    for db in range(15, -1, -1):
+        try:
+            with redis.Redis.from_url(_with_database(url, db), socket_connect_timeout=1) as client:
+                if client.dbsize() == 0:
+                    return db
+        except redis.ResponseError:  # fewer databases configured
+            continue
+    return None
+
+
+def _with_database(url: str, db: int) -> str:
+    return urllib.parse.urlsplit(url)._replace(path=f"/{db}").geturl()
 
 
 def _free_port() -> int:

@@ -3,12 +3,11 @@
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from worker.executor import ImageSource
-from worker.loop import BatchObserver
 from worker.settings import WorkerSettings
 
-if TYPE_CHECKING:
-    from worker.loop import BatchLoop
+if TYPE_CHECKING:  # the app is built without them (`celery -A worker.app inspect` is light)
+    from worker.executor import ImageSource
+    from worker.loop import BatchLoop, BatchObserver
     from worker.sweeper import Sweeper
 
 
@@ -21,7 +20,7 @@ class WorkerParts:
     """
 
     settings: WorkerSettings
-    images: ImageSource
-    observers: list[BatchObserver] = field(default_factory=list)
+    images: "ImageSource"
+    observers: "list[BatchObserver]" = field(default_factory=list)
     loop: "BatchLoop | None" = None
     sweeper: "Sweeper | None" = None

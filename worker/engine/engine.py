@@ -7,7 +7,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -176,7 +176,12 @@ class ContinuousEngine:
             self._graphs.capture()
             self.images.capture()
             self._prefill.capture()
-        self._side_stream = torch.cuda.Stream(self.device) if cuda else None
+        # Decode on a high-priority stream, admission on a low one: when both have kernels
+        # ready, the GPU schedules decode's blocks first, so running answers keep stepping.
+        self._side_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
+        self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        if self._decode_stream is not None:
+            self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
         logger.info(
             "engine: %d slots x %d tokens, %.2f GiB of caches, graphs %s",
             self.max_slots, self.max_seq_len, self.cache.nbytes / 2**30, self._graphs.use_graphs,
@@ -270,10 +275,11 @@ class ContinuousEngine:
         if self._admission is not None:
             for waiting in self._admission.batch:
                 waiting.aborted = waiting.aborted or waiting.key in keys
-        for slot, running in enumerate(self._slots):
-            if running is not None and running.key in keys:
-                self._slots[slot] = None
-                self.cache.release(slot)
+        with self._on_decode_stream():
+            for slot, running in enumerate(self._slots):
+                if running is not None and running.key in keys:
+                    self._slots[slot] = None
+                    self.cache.release(slot)
 
     def step(self) -> list[tuple[str, Generation | Exception]]:
         """Admit, decode one token for every active slot, return what finished in this step."""
@@ -298,7 +304,7 @@ class ContinuousEngine:
 
     def step_outputs(self) -> list[FinishedRequest]:
         """``step`` with token ids instead of decoded text."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._on_decode_stream():
             self._admit()
             finished = self._decode() if self.active else []
             self._compact()
@@ -347,6 +353,11 @@ class ContinuousEngine:
             self._release(slots)
             self._failed_admission(batch, exc)
             return None
+
+    def _on_decode_stream(self) -> AbstractContextManager[object]:
+        """Where the engine's slot state and decode steps live (the CPU: nothing to do)."""
+        stream = self._decode_stream
+        return nullcontext() if stream is None else torch.cuda.stream(stream)
 
     @contextmanager
     def _on_side_stream(self) -> Iterator[torch.cuda.Stream | None]:

@@ -8,6 +8,7 @@ from celery import bootsteps
 from worker.bootstep import BatchingStep
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
+from worker.monitoring.flower import stats_fields
 from worker.monitoring.metrics import MetricsServer, WorkerMetrics, serve_metrics
 from worker.monitoring.monitor import WorkerMonitor
 from worker.monitoring.nvml import GpuProbe, gpu_selector
@@ -19,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 class MonitoringStep(bootsteps.StartStopStep):
-    """Sends ``worker-gpu``/``worker-batch`` events and serves ``/metrics``.
+    """Sends ``worker-gpu``/``worker-batch`` events, serves ``/metrics``, and gives the
+    worker's figures to ``inspect stats`` (Flower's worker page, :mod:`worker.monitoring.flower`).
 
     It registers its batch observer when the worker is built, before the loop starts,
     and starts after the model is loaded, so CUDA's device can be matched to NVML's; it
@@ -85,3 +87,8 @@ class MonitoringStep(bootsteps.StartStopStep):
             logger.exception("Stopping monitoring failed")
 
     terminate = stop
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        """This worker's figures for ``inspect stats`` (the event loop thread)."""
+        ws = worker.app.vlmq.settings
+        return stats_fields(ws.served_model, ws.device, self.monitor.row())
