@@ -2,7 +2,7 @@
 against HF's padded encoder and against its compute floor, the projector + cross K/V, the text
 prefill, SDPA backends at the tower's shapes, and bf16 agreement of the cross-attention states.
 
-    python -m bench.admission [--model 11b] [--out bench/results] [--name NAME]
+    python -m bench.admission [--model 11b] [--out docs/bench] [--name NAME]
 
 Every shape is run once before it is timed (warm: cuDNN plans, autotuning and graph capture
 happen outside the timings). Times are CUDA-event medians of ``--reps`` runs.
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.admission", description=__doc__)
     p.add_argument("--model", default="11b", choices=["11b", "mini"])
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--out", type=Path, default=Path("docs/bench"))
     p.add_argument("--name", default=None)
     p.add_argument("--parts", default="sdpa,vision,encoder,agreement")
     args = p.parse_args(argv)

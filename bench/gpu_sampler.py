@@ -1,17 +1,17 @@
 """GPU utilisation and memory sampled every 100 ms in a background thread.
 
-NVML (``pynvml`` from nvidia-ml-py) when it imports; else ``nvidia-smi`` streaming its own
-samples; else nothing (a CPU run), which the report says. The samples are device-wide, so
-they include the Celery worker process of mode (d).
+Through the worker's own NVML wrapper (:class:`worker.monitoring.nvml.GpuProbe`); without
+NVML or a GPU (a CPU run) there are no samples, which the report says. The samples are
+device-wide, so they include the Celery worker process of mode (d).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+
+from worker.monitoring.nvml import GpuProbe
 
 
 @dataclass
@@ -33,85 +33,35 @@ class GpuSampler:
     error: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _proc: subprocess.Popen | None = None
 
     def start(self) -> GpuSampler:
-        """Start sampling with the best source available; never raises."""
-        try:
-            self._start_nvml()
+        """Start sampling if NVML opens the GPU; never raises."""
+        selector: str | int = self.index
+        if self.uuid:
+            selector = self.uuid if self.uuid.startswith(("GPU-", "MIG-")) else f"GPU-{self.uuid}"
+        probe = GpuProbe.open(selector)
+        if probe is None:
+            self.error = f"NVML cannot open GPU {selector} (see the log)"
             return self
-        except Exception as exc:  # ImportError, NVMLError, ...
-            self.error = f"NVML: {type(exc).__name__}: {exc}"
-        try:
-            self._start_smi()
-        except Exception as exc:
-            self.error = f"{self.error}; nvidia-smi: {type(exc).__name__}: {exc}"
-        return self
-
-    def _start_nvml(self) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = None
-        for uuid in filter(None, [self.uuid, self.uuid and f"GPU-{self.uuid}"]):
-            try:
-                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-                break
-            except Exception:
-                handle = None
-        if handle is None:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
 
         def loop() -> None:
             while not self._stop.is_set():
-                try:
-                    util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-                    mem = pynvml.nvmlDeviceGetMemoryInfo(handle).used
-                    self.samples.append(Sample(time.time(), float(util), float(mem)))
-                except Exception as exc:
-                    self.error = f"NVML sample: {exc}"
+                reading = probe.read()
+                if reading.util_pct is not None and reading.mem_used_bytes is not None:
+                    self.samples.append(
+                        Sample(time.time(), reading.util_pct, float(reading.mem_used_bytes))
+                    )
                 self._stop.wait(self.period_s)
-            pynvml.nvmlShutdown()
+            probe.close()
 
         self.source = "nvml"
         self._thread = threading.Thread(target=loop, name="gpu-sampler", daemon=True)
         self._thread.start()
-
-    def _start_smi(self) -> None:
-        smi = shutil.which("nvidia-smi")
-        if smi is None:
-            raise FileNotFoundError("no nvidia-smi on PATH")
-        self._proc = subprocess.Popen(
-            [
-                smi,
-                f"--id={self.index}",
-                "--query-gpu=utilization.gpu,memory.used",
-                "--format=csv,noheader,nounits",
-                f"--loop-ms={int(self.period_s * 1000)}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-
-        def loop() -> None:
-            assert self._proc is not None and self._proc.stdout is not None
-            for line in self._proc.stdout:
-                try:
-                    util, mem = (float(x) for x in line.split(","))
-                except ValueError:
-                    continue
-                self.samples.append(Sample(time.time(), util, mem * 1024 * 1024))
-
-        self.source = "nvidia-smi"
-        self._thread = threading.Thread(target=loop, name="gpu-sampler", daemon=True)
-        self._thread.start()
+        return self
 
     def stop(self) -> None:
         """Stop sampling (idempotent)."""
         self._stop.set()
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
         if self._thread is not None:
             self._thread.join(2.0)
 

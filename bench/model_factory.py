@@ -234,7 +234,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of the weights: all, and those one decode step reads (language model + lm_head,
-    not the vision tower, projector or the embedding table, of which it reads only a row)."""
+    not the vision tower, projector or the embedding table, of which it reads only a row).
+    Quantized weights count their bitsandbytes scales too, which are not parameters."""
     total, decode = 0, 0
     seen: set[int] = set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -242,12 +243,28 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
             continue
         seen.add(id(tensor))
         size = tensor.numel() * tensor.element_size()
+        for scale in quantisation_scales(tensor):
+            if id(scale) not in seen:
+                seen.add(id(scale))
+                size += scale.numel() * scale.element_size()
         total += size
         if "vision_model" in name or "multi_modal_projector" in name or "embed_tokens" in name:
             continue
         if "language_model" in name or name.startswith("lm_head"):
             decode += size
     return {"total": total, "decode": decode}
+
+
+def quantisation_scales(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The scales bitsandbytes keeps beside a quantized weight: nf4's ``quant_state`` (absmax
+    per block, and its own quantized state when nested), int8's per-row ``SCB``."""
+    found = []
+    state = getattr(weight, "quant_state", None)
+    while state is not None:
+        found += [getattr(state, "absmax", None), getattr(state, "code", None)]
+        state = getattr(state, "state2", None)
+    found.append(getattr(weight, "SCB", None))
+    return [t for t in found if isinstance(t, torch.Tensor)]
 
 
 def cache_bytes(config: MllamaConfig, dtype_bytes: int = 2) -> dict[str, int]:

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.modes import RunLog
+from bench.drive import RunLog
 from bench.progress import Progress, log
+from worker.cli import celery_worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,19 +71,16 @@ class WorkerProcess:
         env.pop("VLMQ_GPU", None)
         if c.max_new_tokens is not None:
             env["VLMQ_MAX_NEW_TOKENS"] = str(c.max_new_tokens)
-        if c.gpus:
-            # `vlmq worker --gpus ...` (producer.cli has no __main__; this is its entry point).
+        quiet = ["--without-mingle", "--without-gossip"]
+        if c.gpus:  # `vlmq worker --gpus ...`: the worker's own command, one worker per GPU
             argv = [
-                sys.executable, "-c", "import sys; from producer.cli import main; "
-                "sys.exit(main())", "worker", "--gpus", ",".join(c.gpus), "--loglevel", "INFO",
-                "--", "--without-mingle", "--without-gossip",
+                sys.executable, "-m", "worker", "worker", "--gpus", ",".join(c.gpus),
+                "--loglevel", "INFO", "--", *quiet,
             ]  # fmt: skip
         else:
-            argv = [
-                sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool=solo",
-                "--loglevel=INFO", "-n", f"vlmq-bench-{os.getpid()}@%h",
-                "--without-mingle", "--without-gossip",
-            ]  # fmt: skip
+            argv = celery_worker_argv(
+                loglevel="INFO", node=f"vlmq-bench-{os.getpid()}@%h", extra=quiet
+            )
         self._log_file = self.log_path.open("wb")
         self.started = time.monotonic()
         # Its own process group: the last resort of stop() kills every worker of it.

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import redis as redis_lib
 
 from producer.errors import ConfigurationError, ImageUnavailable
-from producer.protocol import IMAGE_KEY_PREFIX
+from producer.keys import IMAGE_PREFIX
 
 
 class ImageStore:
@@ -32,7 +32,7 @@ class ImageStore:
     @staticmethod
     def key_for(data: bytes) -> str:
         """The claim-check key of ``data``: ``vlmq:image:<sha256 hex>``."""
-        return IMAGE_KEY_PREFIX + hashlib.sha256(data).hexdigest()
+        return IMAGE_PREFIX + hashlib.sha256(data).hexdigest()
 
     def put(self, data: bytes) -> str:
         """Store ``data`` for ``ttl_s`` seconds (or refresh its TTL) and return its key."""

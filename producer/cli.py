@@ -1,18 +1,23 @@
-"""The ``vlmq`` command: submit images from the shell; run the worker, the tiny model, the demo.
+"""The ``vlmq`` command: submit images and watch the workers from the shell; run the worker,
+the tiny model and the demo.
 
-Exit status: 0 when everything succeeded, 1 when any task failed or timed out, 2 for a
-usage or configuration error.
+The GPU side's commands (:data:`WORKER_COMMANDS`) are forwarded to ``python -m worker``, a
+process of their own, so nothing here imports ``worker``; a command whose extra is not
+installed says which one to install. Exit status: 0 when everything succeeded, 1 when any
+task failed or timed out, 2 for a usage or configuration error (or a missing extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
@@ -24,11 +29,43 @@ from producer.deadletter import DeadLetters
 from producer.errors import ConfigurationError, VlmqError
 from producer.results import AnalysisResult
 
+#: Commands run by ``python -m worker`` (:mod:`worker.cli`), with their help line.
+WORKER_COMMANDS = {
+    "worker": "run the GPU worker (-- then celery worker options)",
+    "make-tiny-model": "write a tiny random Mllama for tests",
+    "demo": "run the end-to-end demo",
+}
+#: What a command needs beyond the base install: (the extra, modules it provides).
+NEEDS = {
+    **dict.fromkeys(WORKER_COMMANDS, ("worker", ("torch", "transformers"))),
+    "report": ("monitor", ("matplotlib",)),
+    "exporter": ("monitor", ("prometheus_client",)),
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlmq`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    if command in NEEDS:
+        extra, modules = NEEDS[command]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            print(
+                f"vlmq {command} needs the {extra} extra ({', '.join(missing)} not installed): "
+                f"pip install 'vlmq[{extra}]'",
+                file=sys.stderr,
+            )
+            return 2
+    if command in WORKER_COMMANDS:
+        return run_worker_command(argv)
     args = _parser().parse_args(argv)
     return args.run(args)
+
+
+def run_worker_command(argv: Sequence[str]) -> NoReturn:
+    """Replace this process with ``python -m worker ARGV`` (signals then reach the worker)."""
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *argv])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,26 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("task_ids", nargs="+", metavar="ID")
     revoke.set_defaults(run=_revoke)
 
-    worker = commands.add_parser(
-        "worker",
-        help="run the GPU worker",
-        description="Run the GPU worker. Arguments after -- go to the celery worker.",
-    )
-    pinned = worker.add_mutually_exclusive_group()
-    pinned.add_argument("--gpu", type=int, metavar="N", help="CUDA device index")
-    pinned.add_argument(
-        "--gpus", metavar="all|0,1,…", help="one pinned worker process per listed GPU"
-    )
-    worker.add_argument("--loglevel", default="info")
-    worker.add_argument("extra", nargs=argparse.REMAINDER, help="-- then celery worker options")
-    worker.set_defaults(run=_worker)
-
-    tiny = commands.add_parser("make-tiny-model", help="write a tiny random Mllama for tests")
-    tiny.add_argument("dir", type=Path, metavar="DIR")
-    tiny.set_defaults(run=_make_tiny_model)
-
-    demo = commands.add_parser("demo", help="run the end-to-end demo")
-    demo.set_defaults(run=_demo)
+    for name, summary in WORKER_COMMANDS.items():  # listed for --help; main() forwards them
+        commands.add_parser(name, help=summary, add_help=False)
 
     exporter = commands.add_parser(
         "exporter", help="serve queue depth and oldest-task age for Prometheus (autoscaling)"
@@ -293,25 +312,6 @@ def _text(image: str | None, result: AnalysisResult) -> str:
         f"{result.prompt_tokens} prompt + {result.answer_tokens} answer tokens, {result.model}"
     )
     return "\n".join(lines)
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from worker.cli import worker_command
-
-    return worker_command(args)
-
-
-def _make_tiny_model(args: argparse.Namespace) -> int:
-    from worker.model.tiny import make_tiny_model
-
-    print(make_tiny_model(args.dir))
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from worker.demo import main as demo_main
-
-    return demo_main()
 
 
 def _exporter(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from celery.result import AsyncResult
 from producer import errors
 from producer.aio import AsyncResultReader
 from producer.claimcheck import ImageStore
-from producer.config import Settings, make_celery_app
+from producer.config import Settings, is_redis_url, make_celery_app
 from producer.images import ImageSource, decode_image, read_image_source
 from producer.ledger import Ledger, LedgerEntry
 from producer.protocol import AnalysisRequest, Limits, model_queue
@@ -230,8 +230,7 @@ class Client:
     @cached_property
     def _ledger(self) -> Ledger | None:
         # An app on another broker (the demo's in-memory transport) has no sweeper to serve.
-        broker = str(self.app.conf.broker_url or "")
-        return Ledger(self._redis) if broker.startswith(("redis://", "rediss://")) else None
+        return Ledger(self._redis) if is_redis_url(self.app.conf.broker_url) else None
 
     def submit(
         self,

@@ -10,9 +10,38 @@ from dataclasses import dataclass, fields
 from celery import Celery
 
 from producer.errors import ConfigurationError
-from producer.protocol import DEFAULT_QUEUE, env_int
 
+DEFAULT_QUEUE = "vlmq"
 _URL_FORM = "redis://[[username]:password@]host[:port][/db] (or rediss:// for TLS)"
+
+
+def env_int(
+    environ: Mapping[str, str], name: str, default: int, *, low: int = 1, high: int | None = None
+) -> int:
+    """Read the integer ``environ[name]`` in ``low..high``; unset or empty gives ``default``.
+
+    Raises:
+        ConfigurationError: the value is not such an integer; the message shows the form.
+    """
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigurationError(
+            f"{name} must be an integer in {allowed} such as {name}={default}, got {raw!r}"
+        )
+    return value
+
+
+def is_redis_url(url: object) -> bool:
+    """Whether ``url`` (a broker URL) names Redis: the ledger, the sweeper and the attempt
+    counters need it; the demo's in-memory transport has none of them."""
+    return str(url or "").startswith(("redis://", "rediss://"))
 
 
 @dataclass(frozen=True, repr=False)

@@ -20,7 +20,8 @@ from typing import Any
 
 import redis
 
-DEAD_LETTERS = "vlmq.dead"
+from producer.keys import DEAD_LETTERS
+
 MAX_ENTRIES = 10_000
 MAX_RAW_BYTES = 64 * 1024
 _MAX_REASON_CHARS = 1000

@@ -6,9 +6,9 @@ therefore writes each task here before publishing it; the worker forgets the ent
 task's final outcome is stored; and the worker's sweeper (``worker/sweeper.py``) sends again a
 task that has neither a result nor a message, with the same task id.
 
-Two keys in the broker's Redis: the hash :data:`ENTRIES` (task id -> JSON entry) and the sorted
-set :data:`SEEN` (task id -> epoch seconds when the task was last known alive: submitted, found
-waiting in its queue or held by a worker, or sent again).
+Two keys in the broker's Redis (:mod:`producer.keys`): the hash ``LEDGER_ENTRIES`` (task id ->
+JSON entry) and the sorted set ``LEDGER_SEEN`` (task id -> epoch seconds when the task was last
+known alive: submitted, found waiting in its queue or held by a worker, or sent again).
 """
 
 from __future__ import annotations
@@ -20,13 +20,9 @@ from typing import Any
 
 import redis
 
+from producer.keys import LEDGER_ENTRIES, LEDGER_SEEN
 from producer.protocol import TASK_NAME
 from producer.queues import routed_queue
-
-ENTRIES = "vlmq:ledger"
-SEEN = "vlmq:ledger:seen"
-#: How many tasks the sweepers have sent again, all workers together (an INCR counter).
-RESENT = "vlmq:ledger:resent"
 
 
 @dataclass(frozen=True)
@@ -79,8 +75,8 @@ class Ledger:
         if not entries:
             return
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(ENTRIES, mapping={e.task_id: e.to_json() for e in entries})
-            pipe.zadd(SEEN, {e.task_id: e.submitted_at for e in entries})
+            pipe.hset(LEDGER_ENTRIES, mapping={e.task_id: e.to_json() for e in entries})
+            pipe.zadd(LEDGER_SEEN, {e.task_id: e.submitted_at for e in entries})
             pipe.execute()
 
     def forget(self, task_ids: Iterable[str]) -> None:
@@ -89,8 +85,8 @@ class Ledger:
         if not ids:
             return
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(ENTRIES, *ids)
-            pipe.zrem(SEEN, *ids)
+            pipe.hdel(LEDGER_ENTRIES, *ids)
+            pipe.zrem(LEDGER_SEEN, *ids)
             pipe.execute()
 
     def unseen_since(self, since: float, limit: int) -> list[LedgerEntry]:
@@ -98,12 +94,14 @@ class Ledger:
 
         An id whose entry is missing or unreadable is dropped from the ledger.
         """
-        found = self._redis.zrange(SEEN, "-inf", f"({since}", byscore=True, offset=0, num=limit)
+        found = self._redis.zrange(
+            LEDGER_SEEN, "-inf", f"({since}", byscore=True, offset=0, num=limit
+        )
         ids = [raw.decode() if isinstance(raw, bytes) else raw for raw in found]
         if not ids:
             return []
         entries, broken = [], []
-        for task_id, raw in zip(ids, self._redis.hmget(ENTRIES, ids), strict=True):
+        for task_id, raw in zip(ids, self._redis.hmget(LEDGER_ENTRIES, ids), strict=True):
             try:
                 entries.append(LedgerEntry.from_json(raw))
             except (TypeError, ValueError):  # TypeError: raw is None
@@ -115,10 +113,10 @@ class Ledger:
         """Note that ``task_ids`` were alive at ``at``; an entry forgotten meanwhile stays so."""
         mapping = dict.fromkeys(task_ids, at)
         if mapping:
-            self._redis.zadd(SEEN, mapping, xx=True)
+            self._redis.zadd(LEDGER_SEEN, mapping, xx=True)
 
     def __len__(self) -> int:
-        return int(self._redis.hlen(ENTRIES))
+        return int(self._redis.hlen(LEDGER_ENTRIES))
 
     def __contains__(self, task_id: object) -> bool:
-        return isinstance(task_id, str) and bool(self._redis.hexists(ENTRIES, task_id))
+        return isinstance(task_id, str) and bool(self._redis.hexists(LEDGER_ENTRIES, task_id))

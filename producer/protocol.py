@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from producer.errors import ConfigurationError, InvalidRequest
+from producer.config import env_int
+from producer.errors import InvalidRequest
+from producer.keys import IMAGE_PREFIX
 
 TASK_NAME = "vlmq.analyze"
-DEFAULT_QUEUE = "vlmq"
-IMAGE_KEY_PREFIX = "vlmq:image:"
 
-_IMAGE_KEY = re.compile(re.escape(IMAGE_KEY_PREFIX) + r"[0-9a-f]{64}")
+_IMAGE_KEY = re.compile(re.escape(IMAGE_PREFIX) + r"[0-9a-f]{64}")
 _SERVED_MODEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 # Text a Llama-3 tokenizer reads as a special token (<|image|>, <|eot_id|>, <|start_header_id|>,
 # <|reserved_special_token_7|>, ...): in a question it would add image tokens or chat turns.
@@ -43,29 +43,6 @@ def model_queue(base_queue: str, served_model: str) -> str:
 
 
 _TEMPERATURE_MAX = 2.0
-
-
-def env_int(
-    environ: Mapping[str, str], name: str, default: int, *, low: int = 1, high: int | None = None
-) -> int:
-    """Read the integer ``environ[name]`` in ``low..high``; unset or empty gives ``default``.
-
-    Raises:
-        ConfigurationError: the value is not such an integer; the message shows the form.
-    """
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value > high):
-        allowed = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ConfigurationError(
-            f"{name} must be an integer in {allowed} such as {name}={default}, got {raw!r}"
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -157,7 +134,7 @@ class AnalysisRequest:
         """
         if not isinstance(self.image_key, str) or not _IMAGE_KEY.fullmatch(self.image_key):
             raise InvalidRequest(
-                f"image_key must be '{IMAGE_KEY_PREFIX}' followed by a lowercase hex sha256 "
+                f"image_key must be '{IMAGE_PREFIX}' followed by a lowercase hex sha256 "
                 f"(64 characters), got {_show(self.image_key)}"
             )
         if not isinstance(self.question, str):

@@ -18,7 +18,7 @@ from typing import Any
 
 from producer.config import Settings, make_celery_app
 from producer.errors import ConfigurationError
-from worker.monitoring.schema import BATCH_EVENT, GPU_EVENT
+from producer.events import BATCH_EVENT, GPU_EVENT
 
 GIB = 1024**3
 
@@ -182,7 +182,7 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def _listen(seconds: float, save: Path | None) -> list[dict[str, Any]]:
-    from worker.monitoring.listener import EventListener, Recorder
+    from producer.listener import EventListener, Recorder
 
     app = make_celery_app(Settings.from_env())
     events: list[dict[str, Any]] = []

@@ -13,10 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from producer.cluster import ClusterState, WorkerRow
 from producer.config import Settings, make_celery_app
 from producer.errors import ConfigurationError
-from worker.monitoring.listener import EventListener, Recorder
-from worker.monitoring.state import ClusterState, WorkerRow
+from producer.listener import EventListener, Recorder
 
 GIB = 1024**3
 COLUMNS = ("WORKER", "STATE", "GPU%", "MEM GiB", "POWER", "TEMP", "QUEUED", "BUFFER",

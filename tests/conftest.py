@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from reliability_support import RedisServer, ResultWrites
+
+from worker.cli import celery_worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,19 +65,9 @@ class WorkerProcess:
         self.name = name
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--loglevel=INFO",
-                "-n",
-                name,
-                "--without-mingle",
-                "--without-gossip",
-            ],
+            celery_worker_argv(
+                loglevel="INFO", node=name, extra=["--without-mingle", "--without-gossip"]
+            ),
             env=env,
             cwd=ROOT,
             stdout=self._log,

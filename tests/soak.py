@@ -36,7 +36,7 @@ from reliability_support import RedisServer, ResultWrites, image, png_bytes
 from producer.claimcheck import ImageStore
 from producer.client import Client
 from producer.config import Settings, make_celery_app
-from producer.ledger import RESENT
+from producer.keys import LEDGER_RESENT
 from producer.protocol import TASK_NAME, AnalysisRequest
 
 VISIBILITY_S = 30  # above what the start-up check asks for, even on two busy cores
@@ -220,7 +220,7 @@ def run(
             poll()
             time.sleep(0.5)
         result.seconds = round(time.monotonic() - t0, 1)
-        result.resent_by_sweeper = int(r.get(RESENT) or 0)
+        result.resent_by_sweeper = int(r.get(LEDGER_RESENT) or 0)
         time.sleep(1.0)  # let the last publishes reach the write counter
 
         counts = writes.counts()

@@ -53,6 +53,9 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
         assert mode["status"] == "ok", (key, mode.get("error"), mode.get("reason"))
         if key != "d2":  # (d2) runs its closed loop only
             assert mode["probe"]["step_ms"] is not None, key
+        if key in ("a", "b", "cb", "c"):  # warm baselines: each timed shape ran untimed first
+            assert mode["warm"]["batch"] == mode.get("batch", 1), key
+            assert mode["warm"]["cold_s"] > 0 and mode["warm"]["warm_s"] > 0, key
         assert mode["summaries"], key
         for summary in mode["summaries"]:
             assert summary["n_planned"] > 0, (key, summary["name"])
@@ -102,7 +105,7 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
 
 
 def test_steady_window_and_targets() -> None:
-    from bench import report
+    from bench import report, tables
 
     # A closed loop of 4 in flight, one answer of 10 tokens every second from t=1 to t=10,
     # each in the executor for 2 s; arrivals stop at t=8.
@@ -148,7 +151,20 @@ def test_steady_window_and_targets() -> None:
     assert verdict["p50 at half load / lone latency, (d)"] is None  # not measured
     assert verdict["worker ready, s (d)"] is True
     assert verdict["GPU util % while saturated (c)"] is None
-    assert "FAIL" not in report.markdown(results)
+    assert "FAIL" not in tables.markdown(results)
+
+
+def test_quantisation_scales_count_in_the_weight_bytes() -> None:
+    import torch
+
+    from bench.model_factory import weight_bytes
+
+    layer = torch.nn.Module()
+    layer.language_model = torch.nn.Linear(4, 4, bias=False)
+    weight = layer.language_model.weight
+    plain = weight_bytes(layer)["decode"]
+    weight.SCB = torch.ones(4, dtype=torch.float32)  # int8: one scale per row
+    assert weight_bytes(layer)["decode"] == plain + 16
 
 
 def test_full_size_architecture_tokenizer_and_tiles() -> None:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_TEXT = (ROOT / "compose.yaml").read_text()
 COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 SERVICES = COMPOSE["services"]
-DOCKERFILE = (ROOT / "worker" / "Dockerfile").read_text()
+DOCKERFILE = (ROOT / "deploy" / "Dockerfile").read_text()
 
 
 def test_has_redis_worker_flower_producer_and_exporter():
@@ -80,6 +80,8 @@ def test_the_images_run_unprivileged_with_the_tested_torch_and_a_compiler():
         assert re.search(r"^USER vlmq$", stage, flags=re.MULTILINE), stage.splitlines()[0]
     worker = next(stage for stage in stages if stage.startswith("base AS worker"))
     assert '"torch==2.11.*"' in worker and "gcc" in worker
+    producer = next(stage for stage in stages if stage.startswith("base AS producer"))
+    assert "COPY worker" not in stages[0] + producer  # the producer image has no worker code
 
 
 def test_docker_compose_v2_accepts_the_file():

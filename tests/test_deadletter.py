@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from producer.cli import main
-from producer.deadletter import DEAD_LETTERS, MAX_RAW_BYTES, DeadLetter, DeadLetters
+from producer.deadletter import MAX_RAW_BYTES, DeadLetter, DeadLetters
+from producer.keys import DEAD_LETTERS
 
 
 @pytest.fixture

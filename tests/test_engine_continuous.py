@@ -18,7 +18,7 @@ from PIL import Image
 from worker.engine import ContinuousEngine, EngineStats
 from worker.engine.inputs import prompt_text
 from worker.engine.parts import MllamaParts
-from worker.model.runner import Generation, GenerationRequest
+from worker.model.generation import Generation, GenerationRequest
 
 DEVICE = os.environ.get("VLMQ_TEST_DEVICE", "cpu")
 SIZES = [(64, 48), (200, 40), (30, 120), (100, 100), (56, 56)]
@@ -385,7 +385,7 @@ def test_executor_reset_lets_a_redelivery_run_under_the_same_id(loaded):
             break
     assert engine.active == 2
 
-    executor.reset()  # as the batcher does after a failed step: both messages went back
+    executor.reset()  # as the loop does after a failed step: both messages went back
     assert not executor.has_work() and engine.free_slots == 2
     executor.admit([("a", message)])  # a's redelivery
     outcomes = []

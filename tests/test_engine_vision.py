@@ -12,7 +12,7 @@ from PIL import Image
 
 from worker.engine import ContinuousEngine
 from worker.engine.vision import VisionTower, batch_sizes, split_attention
-from worker.model.runner import GenerationRequest
+from worker.model.generation import GenerationRequest
 
 # Aspect-ratio ids of the processor's grids for 1..4 tiles (1x1, 1x2, 1x3, 2x2).
 RATIO_ID = {1: 1, 2: 2, 3: 3, 4: 6}

@@ -6,13 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from worker.model.generation import Generation, GenerationRequest
 from worker.model.loading import load_model
-from worker.model.runner import (
-    Generation,
-    GenerationRequest,
-    MllamaRunner,
-    PerRowSampling,
-)
+from worker.model.runner import MllamaRunner, PerRowSampling
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from pathlib import Path
 from PIL import Image
 
 from producer.cli import main
+from producer.cluster import ClusterState
 from producer.report import load_events, plot, summary, timelines
 from producer.top import render
-from worker.monitoring.state import ClusterState
 
 T0 = 1_800_000_000.0
 GIB = 1024**3

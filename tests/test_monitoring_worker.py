@@ -20,10 +20,22 @@ from celery.events.state import Worker
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from producer.claimcheck import MemoryImageStore
+from producer.deadletter import DeadLetters
 from producer.errors import ConfigurationError
+from producer.events import (
+    BATCH_FIELDS,
+    GPU_FIELDS,
+    BatchStats,
+    GpuReading,
+    Sample,
+    Totals,
+    batch_fields,
+    sample_fields,
+)
 from producer.exporter import QueueCollector
 from producer.queues import priority_lists
-from worker.batcher import BatchStats, shown_result
+from worker.celery_delivery import shown_result
 from worker.handoff import LoopHandoff
 from worker.monitoring.backlog import BrokerBacklog
 from worker.monitoring.bootstep import MonitoringStep
@@ -33,16 +45,9 @@ from worker.monitoring.monitor import WorkerMonitor
 from worker.monitoring.nvml import GpuProbe, gpu_selector
 from worker.monitoring.outbox import EventOutbox
 from worker.monitoring.sampler import Sampler
-from worker.monitoring.schema import (
-    BATCH_FIELDS,
-    GPU_FIELDS,
-    GpuReading,
-    Sample,
-    Totals,
-    batch_fields,
-    sample_fields,
-)
 from worker.monitoring.settings import MonitorSettings
+from worker.parts import WorkerParts
+from worker.quarantine import Quarantine
 from worker.settings import WorkerSettings
 
 
@@ -326,10 +331,11 @@ def test_settings_from_env():
 def test_a_monitoring_failure_at_start_leaves_the_worker_running(caplog, monkeypatch):
     monkeypatch.setenv("VLMQ_METRICS_PORT", "0")
     settings = WorkerSettings(model="tiny", device="cpu")
-    app = SimpleNamespace(vlmq_worker_settings=settings, vlmq_batch_observers=[], amqp=None)
+    quarantine = Quarantine(DeadLetters(redis.Redis()), app=None)  # never connects here
+    app = SimpleNamespace(vlmq=WorkerParts(settings, MemoryImageStore(), quarantine), amqp=None)
     worker = SimpleNamespace(app=app, hub=None, consumer=None)
     step = MonitoringStep(worker)
-    assert app.vlmq_batch_observers == [step.monitor.on_batch]
+    assert app.vlmq.observers == [step.monitor.on_batch]
     step.start(worker)  # app.amqp is broken: logged, not raised
     assert "runs without it" in caplog.text
     step.monitor.on_batch(batch_report())
@@ -411,7 +417,7 @@ def test_backlog_is_unknown_when_redis_is_not_there():
 
 # -- the Grafana dashboard and the Prometheus config ------------------------------
 
-MONITORING = Path(__file__).resolve().parent.parent / "worker" / "monitoring"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 def test_dashboard_queries_only_metrics_that_exist(redis_url):
@@ -425,7 +431,7 @@ def test_dashboard_queries_only_metrics_that_exist(redis_url):
         for family in text_string_to_metric_families(generate_latest(registry).decode())
         for sample in family.samples
     } | {"flower_task_runtime_seconds_bucket", "flower_events_total"}  # seen in the live test
-    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {name for expr in exprs for name in re.findall(r"\b((?:vlmq|flower)_\w+)", expr)}
     assert used and used <= known, used - known
@@ -434,16 +440,16 @@ def test_dashboard_queries_only_metrics_that_exist(redis_url):
 
 
 def test_prometheus_scrapes_workers_exporter_and_flower_and_compose_runs_it():
-    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = {
         job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
         for job in config["scrape_configs"]
     }
     assert "worker-gpu0:9808" in targets["vlmq-worker"]
     assert targets["vlmq-queue"] == ["exporter:9809"] and targets["flower"] == ["flower:5555"]
-    compose = yaml.safe_load((MONITORING.parent.parent / "compose.yaml").read_text())
+    compose = yaml.safe_load((DEPLOY.parent / "compose.yaml").read_text())
     services = compose["services"]
-    assert any(v.startswith("./worker/monitoring/prometheus.yml:")
+    assert any(v.startswith("./deploy/prometheus.yml:")
                for v in services["prometheus"]["volumes"])  # fmt: skip
     assert services["worker-gpu0"]["environment"]["VLMQ_METRICS_ADDR"] == "0.0.0.0"
     assert '--broker="$$REDIS_URL" flower' in " ".join(services["flower"]["command"])

@@ -2,12 +2,12 @@
 
 import base64
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import threading
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,26 +169,45 @@ def test_usage_errors() -> None:
         main(["submit", "cat.png", "-q", "Why?", "--priority", "10"])
 
 
-def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **attributes: object) -> None:
-    monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attributes))
+def test_worker_commands_are_forwarded_to_python_m_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Exec(Exception):
+        pass
+
+    def execv(path: str, argv: list[str]) -> None:
+        raise Exec(path, argv)
+
+    monkeypatch.setattr(os, "execv", execv)
+    for argv in (
+        ["worker", "--gpu", "1", "--", "--concurrency=1", "-Q", "x"],
+        ["make-tiny-model", "/tmp/tiny"],
+        ["demo"],
+    ):
+        with pytest.raises(Exec) as called:
+            main(argv)
+        assert called.value.args == (sys.executable, [sys.executable, "-m", "worker", *argv])
 
 
-def test_worker_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_command_without_its_extra_says_which_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "torch" else real(name)
+    )
+    assert main(["worker", "--gpu", "0"]) == 2
+    assert "pip install 'vlmq[worker]'" in capsys.readouterr().err
+
+
+def test_worker_cli_parses_what_vlmq_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import cli
+
     seen = []
-    fake_module(monkeypatch, "worker.cli", worker_command=lambda args: seen.append(args) or 7)
-    assert main(["worker", "--gpu", "1", "--", "--concurrency=1", "-Q", "x"]) == 7
+    monkeypatch.setattr(cli, "worker_command", lambda args: seen.append(args) or 7)
+    assert cli.main(["worker", "--gpu", "1", "--", "--concurrency=1", "-Q", "x"]) == 7
     assert (seen[0].gpu, seen[0].loglevel) == (1, "info")
     assert seen[0].extra == ["--", "--concurrency=1", "-Q", "x"]
-    assert main(["worker", "--loglevel", "debug"]) == 7
+    assert cli.main(["worker", "--loglevel", "debug"]) == 7
     assert (seen[1].gpu, seen[1].loglevel, seen[1].extra) == (None, "debug", [])
-
-
-def test_make_tiny_model_and_demo_dispatch(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    fake_module(monkeypatch, "worker.model.tiny", make_tiny_model=lambda d: Path(d) / "made")
-    fake_module(monkeypatch, "worker.demo", main=lambda: 3)
-    assert main(["make-tiny-model", "/tmp/tiny"]) == 0
-    assert capsys.readouterr().out.strip() == str(Path("/tmp/tiny/made"))
-    assert main(["demo"]) == 3
 
 
 def test_help_lists_commands(capsys) -> None:

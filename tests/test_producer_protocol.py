@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from producer.config import DEFAULT_QUEUE
 from producer.errors import ConfigurationError, InvalidRequest
+from producer.keys import IMAGE_PREFIX
 from producer.protocol import (
-    DEFAULT_QUEUE,
-    IMAGE_KEY_PREFIX,
     TASK_NAME,
     AnalysisRequest,
     Limits,
@@ -17,7 +17,7 @@ from producer.protocol import (
     served_model_id,
 )
 
-KEY = IMAGE_KEY_PREFIX + "ab" * 32
+KEY = IMAGE_PREFIX + "ab" * 32
 LIMITS = Limits()
 
 
@@ -83,9 +83,9 @@ def test_integers_are_accepted_for_floats() -> None:
         ("image_key", 42, "image_key"),
         ("image_key", None, "image_key"),
         ("image_key", "ab" * 32, "vlmq:image:"),
-        ("image_key", IMAGE_KEY_PREFIX + "AB" * 32, "lowercase hex"),
-        ("image_key", IMAGE_KEY_PREFIX + "ab" * 31, "64 characters"),
-        ("image_key", IMAGE_KEY_PREFIX + "ab" * 32 + "\n", "image_key"),
+        ("image_key", IMAGE_PREFIX + "AB" * 32, "lowercase hex"),
+        ("image_key", IMAGE_PREFIX + "ab" * 31, "64 characters"),
+        ("image_key", IMAGE_PREFIX + "ab" * 32 + "\n", "image_key"),
         ("image_key", "vlmq:other:" + "ab" * 32, "image_key"),
         ("question", "", "question"),
         ("question", " \n\t ", "blank"),

@@ -12,7 +12,8 @@ from reliability_support import image, unacked_count, wait_for
 
 from producer.client import Client
 from producer.config import Settings
-from producer.ledger import RESENT, SEEN, Ledger
+from producer.keys import LEDGER_RESENT, LEDGER_SEEN
+from producer.ledger import Ledger
 from producer.queues import priority_lists
 from worker.sweeper import grace_s, task_id_of
 
@@ -61,14 +62,16 @@ def test_message_lost_in_the_fetch_window_is_sent_again_and_answered_once(
     assert time.time() - submitted >= grace_s(VISIBILITY_S) - 1  # the lost one waited it out
     counts = result_writes.settled([h.id for h in answered])
     assert {h.id: counts[h.id] for h in answered} == {h.id: 1 for h in answered}
-    assert int(r.get(RESENT)) == 1
+    assert int(r.get(LEDGER_RESENT)) == 1
 
     # The waiting and the held tasks were looked at past the grace, found alive, and left:
     # no copy in any list, no result, their ledger entries kept (and marked seen).
     ledger = Ledger(r)
     alive = [held, *(h.id for h in waiting)]
     wait_for(
-        lambda: all(r.zscore(SEEN, i) > submitted + grace_s(VISIBILITY_S) - 1 for i in alive),
+        lambda: all(
+            r.zscore(LEDGER_SEEN, i) > submitted + grace_s(VISIBILITY_S) - 1 for i in alive
+        ),
         10,
         "the sweeper did not look at the waiting and held tasks",
     )
@@ -83,4 +86,4 @@ def test_message_lost_in_the_fetch_window_is_sent_again_and_answered_once(
     assert task_id_of(r.hget("unacked", "held-tag")) == held
     assert all(i in ledger for i in alive) and len(ledger) == len(alive)
     assert not any(result_writes.counts()[i] for i in alive)
-    assert int(r.get(RESENT)) == 1
+    assert int(r.get(LEDGER_RESENT)) == 1

@@ -16,7 +16,8 @@ from PIL import Image
 from producer.claimcheck import ImageStore
 from producer.client import Client
 from producer.config import Settings
-from producer.ledger import ENTRIES, RESENT, SEEN, Ledger, LedgerEntry
+from producer.keys import LEDGER_ENTRIES, LEDGER_RESENT, LEDGER_SEEN
+from producer.ledger import Ledger, LedgerEntry
 from producer.queues import priority_lists
 from worker.sweeper import (
     BATCH,
@@ -171,7 +172,7 @@ def test_sweeps_resend_a_lost_task_once_and_leave_the_others(client: Client, r: 
     assert (second.examined, second.resent) == (1, 1)
     assert [e.task_id for e in resent] == [ids[0]]
     assert resent[0].kwargs["question"] == "Task 0?" and resent[0].queue == "vlmq"
-    assert int(r.get(RESENT)) == 1
+    assert int(r.get(LEDGER_RESENT)) == 1
     assert ids[2] not in Ledger(r)  # dropped: its result is stored
 
     # The others were seen alive: none is looked for again before another grace.
@@ -196,7 +197,7 @@ def test_a_task_that_comes_back_between_the_sweeps_is_not_resent(client: Client,
     clock.now += 1
     assert sweeper.sweep().resent == 0
     assert resent == []
-    assert r.zscore(SEEN, handle.id) == clock.now  # seen alive, held by a worker
+    assert r.zscore(LEDGER_SEEN, handle.id) == clock.now  # seen alive, held by a worker
 
 
 def test_a_sweep_of_a_deep_old_queue_reads_only_its_old_end(private_redis):
@@ -234,7 +235,7 @@ def test_one_sweeper_at_a_time(r: redis.Redis) -> None:
 
 def test_a_task_waiting_past_the_grace_keeps_its_image(client: Client, r: redis.Redis):
     [handle] = client.submit_many([(png(1), "Still waiting?")])
-    image_key = json.loads(r.hget(ENTRIES, handle.id))["kwargs"]["image_key"]
+    image_key = json.loads(r.hget(LEDGER_ENTRIES, handle.id))["kwargs"]["image_key"]
     r.expire(image_key, 100)  # as if it had waited most of its TTL in a long queue
     clock = Clock()
     store = ImageStore(r, ttl_s=3600)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.cli import celery_worker_argv
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +40,9 @@ def test_a_plain_worker_logs_progress_and_answers_inspect_without_the_model(
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-n", "plain@%h",
-             "--without-mingle", "--without-gossip"],
+            celery_worker_argv(
+                loglevel=None, node="plain@%h", extra=["--without-mingle", "--without-gossip"]
+            ),
             env=worker_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:

@@ -111,7 +111,7 @@ def test_batch_timing_takes_the_fastest_runs_and_says_what_it_measured():
     """Load from elsewhere only adds time: a slow run among fast ones does not count."""
     from types import SimpleNamespace
 
-    from worker.bootstep import TIMING_RUNS, TIMING_TOKENS, time_full_batch
+    from worker.factory import TIMING_RUNS, TIMING_TOKENS, time_full_batch
 
     delays = iter([0.0, 0.20, 0.30, 0.01, 0.03, 0.01, 0.60])  # warm-up, then (prefill, long)s
 

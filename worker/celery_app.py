@@ -14,8 +14,10 @@ from producer.deadletter import DeadLetters
 from producer.errors import ConfigurationError
 from producer.protocol import TASK_NAME, model_queue
 from producer.queues import routed_queue
+from worker.parts import WorkerParts
 from worker.quarantine import Quarantine
 from worker.settings import WorkerSettings
+from worker.strategy import batching_strategy
 from worker.transport import serve_redis_urls
 
 if TYPE_CHECKING:
@@ -31,15 +33,15 @@ WORKER_STEPS = (
 class AnalyzeTask(Task):
     """Analyse one image (kwargs: :class:`producer.protocol.AnalysisRequest`).
 
-    The worker batches this task: its messages go to the batcher, never to the pool.
+    The worker batches this task: its messages go to the loop, never to the pool.
     """
 
     name = TASK_NAME
-    Strategy = "worker.strategy:batching_strategy"
+    Strategy = staticmethod(batching_strategy)
     acks_late = True
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{self.name} runs only inside a vlmq worker's batcher")
+        raise RuntimeError(f"{self.name} runs only inside a vlmq worker's loop")
 
 
 def create_worker_app(
@@ -76,9 +78,6 @@ def create_worker_app(
         image_source = ImageStore(client, settings.image_ttl_s)
     quarantine = Quarantine(DeadLetters(client), app)
     serve_redis_urls(quarantine)
-    app.vlmq_quarantine = quarantine
-    app.vlmq_image_source = image_source
-    app.vlmq_batch_observers = []  # callables taking worker.batcher.BatchStats
     app.steps["worker"].update(WORKER_STEPS)
     app.register_task(AnalyzeTask())
     if worker_settings is None:
@@ -95,7 +94,7 @@ def create_worker_app(
         ],
         worker_prefetch_multiplier=worker_settings.prefetch_count,
     )
-    app.vlmq_worker_settings = worker_settings
+    app.vlmq = WorkerParts(worker_settings, image_source, quarantine)
     return app
 
 

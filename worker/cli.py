@@ -1,4 +1,8 @@
-"""``vlmq worker``: the plain Celery worker command, one pinned process per GPU."""
+"""The GPU side's commands (``python -m worker``, which ``vlmq`` forwards to): ``worker``
+(the plain Celery worker, one pinned process per GPU), ``make-tiny-model`` and ``demo``.
+
+Exit status: that of the worker or demo; 2 for a usage or configuration error.
+"""
 
 import argparse
 import os
@@ -6,19 +10,83 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from producer.errors import ConfigurationError
+from worker.monitoring.nvml import count_gpus
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
-def celery_worker_argv(gpu: str | None, loglevel: str, extra: list[str]) -> list[str]:
-    """The ``celery worker`` command line that ``vlmq worker`` runs for one GPU."""
-    node = f"vlmq-gpu{gpu}@%h" if gpu is not None else "vlmq@%h"
+def celery_worker_argv(
+    gpu: str | int | None = None,
+    loglevel: str | None = "info",
+    extra: Sequence[str] = (),
+    *,
+    node: str | None = None,
+) -> list[str]:
+    """The one ``celery -A worker.app worker`` command line (the CLI, demo, bench and tests).
+
+    ``node`` names the worker (default ``vlmq-gpu<N>@%h`` for ``gpu``, else ``vlmq@%h``);
+    ``loglevel`` None leaves Celery's default; ``extra`` goes last, e.g. ``--without-mingle``.
+    """
+    if node is None:
+        node = f"vlmq-gpu{gpu}@%h" if gpu is not None else "vlmq@%h"
+    level = [] if loglevel is None else [f"--loglevel={loglevel}"]
     return [
         sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "--pool=solo", f"--loglevel={loglevel}", "-n", node, *extra,
+        "--pool=solo", *level, "-n", node, *extra,
     ]  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a GPU-side command with ``argv`` (default: ``sys.argv[1:]``)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigurationError as exc:
+        print(f"vlmq: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmq", description="vlmq's GPU-side commands.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    worker = commands.add_parser(
+        "worker",
+        help="run the GPU worker",
+        description="Run the GPU worker. Arguments after -- go to the celery worker.",
+    )
+    pinned = worker.add_mutually_exclusive_group()
+    pinned.add_argument("--gpu", type=int, metavar="N", help="CUDA device index")
+    pinned.add_argument(
+        "--gpus", metavar="all|0,1,…", help="one pinned worker process per listed GPU"
+    )
+    worker.add_argument("--loglevel", default="info")
+    worker.add_argument("extra", nargs=argparse.REMAINDER, help="-- then celery worker options")
+    worker.set_defaults(run=worker_command)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random Mllama for tests")
+    tiny.add_argument("dir", type=Path, metavar="DIR")
+    tiny.set_defaults(run=_make_tiny_model)
+
+    demo = commands.add_parser("demo", help="run the end-to-end demo")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from worker.model.tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.demo import main as demo_main
+
+    return demo_main()
 
 
 def parse_gpus(spec: str, count_gpus=None) -> list[str]:
@@ -84,14 +152,8 @@ def _env_for(gpu: str | None) -> dict[str, str]:
 
 def _count_gpus() -> int:
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
+        return count_gpus()
     except Exception as exc:
         raise ConfigurationError(
             f"--gpus all needs NVML (nvidia-ml-py and a driver): {exc}"
         ) from exc
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()

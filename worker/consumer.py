@@ -24,7 +24,7 @@ class Consumer(CeleryConsumer):
 
     @property
     def quarantine(self) -> Quarantine:
-        return self.app.vlmq_quarantine
+        return self.app.vlmq.quarantine
 
     def create_task_handler(self, promise: Any = promise) -> Any:
         handle = super().create_task_handler(promise)

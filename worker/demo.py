@@ -26,6 +26,7 @@ from producer.claimcheck import MemoryImageStore
 from producer.client import Client
 from producer.config import Settings
 from producer.errors import VlmqError
+from worker.cli import celery_worker_argv
 
 TINY_MODEL_DIR = Path(
     os.environ.get("VLMQ_DEMO_MODEL_DIR", "~/.cache/vlmq/tiny-mllama")
@@ -126,19 +127,11 @@ def _broker() -> Iterator[tuple[str, str]]:
 @contextlib.contextmanager
 def _worker_process(redis_url: str) -> Iterator[None]:
     env = {**os.environ, **WORKER_ENV, "REDIS_URL": redis_url, "VLMQ_MODEL": str(TINY_MODEL_DIR)}
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        "--loglevel=WARNING",
-        "-n",
-        f"vlmq-demo-{os.getpid()}@%h",
-        "--without-mingle",
-        "--without-gossip",
-    ]
+    argv = celery_worker_argv(
+        loglevel="WARNING",
+        node=f"vlmq-demo-{os.getpid()}@%h",
+        extra=["--without-mingle", "--without-gossip"],
+    )
     print("Worker: " + " ".join(argv[1:]))
     with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -7,7 +7,6 @@ Two executors share one interface (:class:`Executor`), both Celery-free:
   between decode steps and leave as soon as they finish.
 """
 
-import dataclasses
 import logging
 import threading
 import time
@@ -22,8 +21,8 @@ from PIL import Image
 from producer.errors import InvalidRequest, ModelError, VlmqError, WrongModel
 from producer.images import decode_image
 from producer.protocol import AnalysisRequest, Limits
-from producer.results import parse_cot
-from worker.model.runner import Generation, GenerationRequest, warmup_request
+from producer.results import AnalysisResult, Timings, parse_cot
+from worker.model.generation import Generation, GenerationRequest, warmup_request
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class StepReport:
 
 
 class Executor(Protocol):
-    """How the batcher drives a model; everything runs on the batcher's model thread."""
+    """How the loop drives a model; everything runs on the loop's model thread."""
 
     def room(self) -> int:
         """How many more requests it can take now."""
@@ -133,17 +132,17 @@ class RequestReader:
 
     def success(self, ready: Ready, gen: Generation, gpu_ms: float, batch_size: int) -> Outcome:
         """The stored result of a finished request."""
-        stages = parse_cot(gen.text)
         queued_ms = max(0.0, (ready.admitted_at - ready.request.submitted_at) * 1000.0)
-        result = {
-            "answer": gen.text,
-            "stages": dataclasses.asdict(stages) if stages is not None else None,
-            "prompt_tokens": gen.prompt_tokens,
-            "answer_tokens": gen.answer_tokens,
-            "timings": {"queued_ms": queued_ms, "batch_size": batch_size, "gpu_ms": gpu_ms},
-            "model": self.served_model,
-        }
-        return Outcome(task_id=ready.task_id, result=result)
+        result = AnalysisResult(
+            task_id=ready.task_id,
+            answer=gen.text,
+            stages=parse_cot(gen.text),
+            prompt_tokens=gen.prompt_tokens,
+            answer_tokens=gen.answer_tokens,
+            timings=Timings(queued_ms=queued_ms, batch_size=batch_size, gpu_ms=gpu_ms),
+            model=self.served_model,
+        )
+        return Outcome(task_id=ready.task_id, result=result.to_dict())
 
 
 def failure(task_id: str, exc: VlmqError) -> Outcome:
@@ -158,21 +157,17 @@ def model_failure(task_id: str, exc: Exception) -> Outcome:
     return failure(task_id, error)
 
 
-class BatchExecutor:
-    """Each batch is one transformers ``generate``; a failing batch is split and retried.
+class WholeBatches:
+    """The buffer of an executor that computes a whole batch at a time: it takes requests
+    only while idle, up to ``max_batch_size``; :meth:`take` hands the batch to its step."""
 
-    Splitting in halves means a request that breaks the model (or a batch too large for
-    memory) fails alone as :class:`ModelError` while every other request gets its answer.
-    """
-
-    def __init__(self, runner: BatchRunner, reader: RequestReader, max_batch_size: int) -> None:
-        self._runner = runner
+    def __init__(self, reader: RequestReader, max_batch_size: int) -> None:
         self._reader = reader
-        self._max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size
         self._ready: list[Ready] = []
 
     def room(self) -> int:
-        return 0 if self._ready else self._max_batch_size
+        return 0 if self._ready else self.max_batch_size
 
     def has_work(self) -> bool:
         return bool(self._ready)
@@ -182,8 +177,28 @@ class BatchExecutor:
         self._ready.extend(ready)
         return failed
 
-    def step(self) -> StepReport:
+    def reset(self) -> None:
+        self._ready.clear()
+
+    def take(self) -> list[Ready]:
+        """The batch to compute now; the buffer is empty after."""
         ready, self._ready = self._ready, []
+        return ready
+
+
+class BatchExecutor(WholeBatches):
+    """Each batch is one transformers ``generate``; a failing batch is split and retried.
+
+    Splitting in halves means a request that breaks the model (or a batch too large for
+    memory) fails alone as :class:`ModelError` while every other request gets its answer.
+    """
+
+    def __init__(self, runner: BatchRunner, reader: RequestReader, max_batch_size: int) -> None:
+        super().__init__(reader, max_batch_size)
+        self._runner = runner
+
+    def step(self) -> StepReport:
+        ready = self.take()
         t0 = time.perf_counter()
         outcomes = self._generate_isolating_failures(ready)
         model_ms = (time.perf_counter() - t0) * 1000.0
@@ -191,15 +206,6 @@ class BatchExecutor:
 
     def warmup(self) -> None:
         self._runner.warmup()
-
-    def reset(self) -> None:
-        self._ready.clear()
-
-    def run(self, messages: Sequence[Message]) -> list[Outcome]:
-        """Admit and step at once; one outcome per message, in order."""
-        outcomes = {o.task_id: o for o in self.admit(messages)}
-        outcomes.update((o.task_id, o) for o in self.step().outcomes)
-        return [outcomes[task_id] for task_id, _ in messages]
 
     def _generate_isolating_failures(self, ready: list[Ready]) -> list[Outcome]:
         if not ready:
@@ -240,6 +246,11 @@ class ContinuousExecutor:
         self._lock = threading.Lock()
         self._inside: dict[str, Ready] = {}
 
+    @property
+    def engine(self) -> Any:
+        """The engine it feeds (the bench reads its counters)."""
+        return self._engine
+
     def warmup(self) -> None:
         self._engine.submit("vlmq-warmup", warmup_request())
         while self._engine.has_work():
@@ -253,7 +264,7 @@ class ContinuousExecutor:
         self._engine.abort(task_ids)
 
     def room(self) -> int:
-        # Only as many as can start now: the rest stay in the batcher's buffer, where a
+        # Only as many as can start now: the rest stay in the loop's buffer, where a
         # revoke or `expires` still reaches them.
         return max(0, self._engine.free_slots - self._engine.waiting - len(self._preparing))
 

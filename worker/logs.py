@@ -25,9 +25,10 @@ def show_progress(loglevel: int | None = None, **_: Any) -> None:
 def announce_ready(sender: Any = None, **_: Any) -> None:
     """Log that the worker takes tasks, what it serves and from which queues."""
     app = sender.app
-    served = getattr(app, "vlmq_worker_settings", None)
-    if served is None:
+    parts = getattr(app, "vlmq", None)  # none: not a vlmq worker's app
+    if parts is None:
         return
+    served = parts.settings
     logger.info(
         "vlmq worker %s ready: serving %s on %s from queues %s",
         sender.hostname, served.served_model, served.device,

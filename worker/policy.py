@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BatchDecision:
-    """What the batcher should do now.
+    """What the loop should do now.
 
     ``take`` requests leave the buffer now (0: none yet); otherwise wait at most
     ``wait_s`` seconds before asking again (``None``: until a request arrives).

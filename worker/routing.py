@@ -5,6 +5,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from producer.config import is_redis_url
 from producer.queues import drop_stale_bindings
 
 logger = logging.getLogger(__name__)
@@ -19,12 +20,11 @@ class RoutingStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         app = worker.app
-        url = str(app.conf.broker_url or "")
-        if not url.startswith(("redis://", "rediss://")):
+        if not is_redis_url(app.conf.broker_url):
             return
         import redis
 
-        with redis.Redis.from_url(url) as client:
+        with redis.Redis.from_url(str(app.conf.broker_url)) as client:
             dropped = drop_stale_bindings(client, app.conf.task_default_queue)
         if dropped:
             logger.warning("Removed stale bindings of queues %s", ", ".join(sorted(dropped)))

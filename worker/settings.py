@@ -4,10 +4,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from producer.config import env_int
 from producer.errors import ConfigurationError
-from producer.protocol import Limits, env_int, served_model_id
+from producer.protocol import Limits, served_model_id
 
-PRECISIONS = ("bf16", "fp16", "fp32", "nf4", "int8")
+#: Weights in that dtype, or the language model quantized by bitsandbytes (CUDA only).
+DTYPE_PRECISIONS = ("bf16", "fp16", "fp32")
+QUANTIZED = ("nf4", "int8")
+PRECISIONS = (*DTYPE_PRECISIONS, *QUANTIZED)
 ENGINES = ("continuous", "batch")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 DEVICES = ("cuda", "cpu")
@@ -86,7 +90,7 @@ class WorkerSettings:
             )
         precision = _choice(env, "VLMQ_PRECISION", "bf16", PRECISIONS)
         device = _choice(env, "VLMQ_DEVICE", "cuda", DEVICES)
-        if precision in ("nf4", "int8") and device != "cuda":
+        if precision in QUANTIZED and device != "cuda":
             raise ConfigurationError(
                 f"VLMQ_PRECISION={precision} needs bitsandbytes on a GPU; "
                 "use VLMQ_DEVICE=cuda or VLMQ_PRECISION=bf16/fp32"

@@ -28,8 +28,8 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
     requests still buffered from the old connection are dropped here: they will be delivered
     again.
     """
-    batcher = consumer.controller.vlmq_batcher
-    batcher.drop_pending()
+    loop = app.vlmq.loop
+    loop.drop_pending()
     hostname = consumer.hostname
     eventer = consumer.event_dispatcher
     task_sends_events = eventer is not None and eventer.enabled and task.send_events
@@ -40,7 +40,7 @@ def batching_strategy(task: Any, app: Any, consumer: Any, **_: Any):
 
     def buffer(req: Any) -> None:
         task_reserved(req)
-        batcher.add(req)
+        loop.add(req)
 
     def due(req: Any) -> None:
         buffer(req)

@@ -41,7 +41,9 @@ import redis
 from celery import states
 
 from producer.claimcheck import ImageStore
-from producer.ledger import RESENT, Ledger, LedgerEntry
+from producer.config import is_redis_url
+from producer.keys import LEDGER_RESENT, SWEEPER_LOCK, result_key
+from producer.ledger import Ledger, LedgerEntry
 from producer.queues import priority_lists
 
 logger = logging.getLogger(__name__)
@@ -56,9 +58,6 @@ CHUNK = 500
 #: Elements read again at each chunk boundary when reading from the oldest end, where
 #: workers pop (each pop moves the rest one step toward that end).
 OVERLAP = 100
-LOCK_NAME = "vlmq:sweeper:lock"
-#: Where Celery's Redis result backend stores a task's result.
-RESULT_PREFIX = "celery-task-meta-"
 
 # The task id in a kombu Redis message (Celery protocol 2 puts it in the headers; the body is
 # base64, so the first match is the id).
@@ -124,7 +123,7 @@ class Sweeper:
         self._clock = clock
         self._suspects: set[str] = set()
         self._lock = client.lock(
-            LOCK_NAME, timeout=max(3 * interval_s, 60), blocking=False, thread_local=False
+            SWEEPER_LOCK, timeout=max(3 * interval_s, 60), blocking=False, thread_local=False
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,7 +176,7 @@ class Sweeper:
             logger.exception("Could not send task %s again; the next sweeps retry", entry.task_id)
             return 0
         self._ledger.seen([entry.task_id], now)
-        self._redis.incr(RESENT)
+        self._redis.incr(LEDGER_RESENT)
         return 1
 
     def _locate(self, entries: list[LedgerEntry], *, thorough: bool) -> Verdict:
@@ -200,7 +199,7 @@ class Sweeper:
         if not task_ids:
             return set()
         ids = sorted(task_ids)
-        found = self._redis.mget([RESULT_PREFIX + i for i in ids])
+        found = self._redis.mget([result_key(i) for i in ids])
         return {i for i, raw in zip(ids, found, strict=True) if raw and _is_final(raw)}
 
     def _held(self, task_ids: set[str]) -> set[str]:
@@ -308,7 +307,7 @@ def make_sweeper(app: Any, interval_s: float, images: Any = None) -> Sweeper | N
     broker is something else (the demo's in-memory transport). With ``images`` (an
     :class:`~producer.claimcheck.ImageStore`) it keeps the images of waiting tasks stored."""
     url = str(app.conf.broker_url or "")
-    if not interval_s or not url.startswith(("redis://", "rediss://")):
+    if not interval_s or not is_redis_url(url):
         return None
     transport = app.conf.broker_transport_options or {}
     grace = grace_s(transport.get("visibility_timeout", 3600))

@@ -21,7 +21,7 @@ from worker.engine.parts import MllamaParts
 from worker.engine.prefill import PREFILL_ROWS, TextPrefill, cross_masks
 from worker.engine.sampling import sample
 from worker.engine.slots import SlotCache, plan_capacity
-from worker.model.runner import Generation, GenerationRequest
+from worker.model.generation import Generation, GenerationRequest
 
 logger = logging.getLogger(__name__)
 

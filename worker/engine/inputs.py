@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import ProcessorMixin
 
-from worker.model.runner import GenerationRequest
+from worker.model.generation import GenerationRequest
 
 
 @dataclass(frozen=True)

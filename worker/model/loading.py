@@ -15,10 +15,9 @@ from transformers import (
 )
 
 from producer.errors import ConfigurationError
+from worker.settings import DTYPE_PRECISIONS, PRECISIONS, QUANTIZED
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTIZED = ("nf4", "int8")
-PRECISIONS = (*DTYPES, *QUANTIZED)
+DTYPES = dict(zip(DTYPE_PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 
 # Quantize the language model only; the vision tower and projector stay in bf16.
 # Patterns match from the start of the module path, and a custom list drops bnb's default

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from transformers import (
     BatchFeature,
     LogitsProcessor,
@@ -22,25 +21,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One question about one image, with its own generation options."""
-
-    image: Image.Image  # already RGB, validated
-    question: str
-    max_new_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The answer to one request."""
-
-    text: str  # decoded answer, special tokens skipped, stripped
-    prompt_tokens: int  # this row's real prompt tokens (no padding)
-    answer_tokens: int  # generated up to and including its EOS, or its own limit
+from worker.engine.sampling import top_p_filter
+from worker.model.generation import Generation, GenerationRequest, warmup_request
 
 
 @dataclass(frozen=True)
@@ -61,7 +43,7 @@ class PerRowSampling(LogitsProcessor):
     def __init__(self, temperatures: torch.Tensor, top_ps: torch.Tensor):
         self.greedy = temperatures == 0
         self.temperatures = torch.where(self.greedy, 1.0, temperatures)[:, None]
-        self.top_ps = torch.where(self.greedy, 1.0, top_ps)[:, None]
+        self.top_ps = torch.where(self.greedy, 1.0, top_ps)
         # Decided once here, as a Python bool, to keep a device sync out of every step.
         self.any_top_p = bool((self.top_ps < 1.0).any())
 
@@ -69,13 +51,7 @@ class PerRowSampling(LogitsProcessor):
         argmax = scores.argmax(dim=-1, keepdim=True)
         scores = scores / self.temperatures
         if self.any_top_p:
-            # As transformers' TopPLogitsWarper, with a top-p per row.
-            sorted_scores, sorted_indices = scores.sort(dim=-1)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            sorted_remove = cumulative <= (1.0 - self.top_ps)
-            sorted_remove[:, -1] = False
-            remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
-            scores = scores.masked_fill(remove, -float("inf"))
+            scores = top_p_filter(scores, self.top_ps)
         not_argmax = torch.ones_like(scores, dtype=torch.bool).scatter_(1, argmax, False)
         return scores.masked_fill(self.greedy[:, None] & not_argmax, -float("inf"))
 
@@ -190,9 +166,3 @@ class MllamaRunner:
     def warmup(self) -> None:
         """Run one small generate on a synthetic image, so the first real batch is not slow."""
         self.generate(self.prepare([warmup_request()]))
-
-
-def warmup_request() -> GenerationRequest:
-    """A small request on a synthetic image, to warm a model path up before real work."""
-    image = Image.new("RGB", (64, 48), color=(128, 64, 32))
-    return GenerationRequest(image=image, question="What is in this image?", max_new_tokens=2)

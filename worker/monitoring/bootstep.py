@@ -1,4 +1,4 @@
-"""The worker bootstep that runs monitoring beside the batcher."""
+"""The worker bootstep that runs monitoring beside the loop."""
 
 import logging
 from typing import Any
@@ -23,9 +23,9 @@ class MonitoringStep(bootsteps.StartStopStep):
     """Sends ``worker-gpu``/``worker-batch`` events, serves ``/metrics``, and gives the
     worker's figures to ``inspect stats`` (Flower's worker page, :mod:`worker.monitoring.flower`).
 
-    It registers its batch observer when the worker is built, before the batcher starts,
+    It registers its batch observer when the worker is built, before the loop starts,
     and starts after the model is loaded, so CUDA's device can be matched to NVML's; it
-    stops before the batcher, and events of the last batch are then dropped.
+    stops before the loop, and events of the last batch are then dropped.
     """
 
     requires = (BatchingStep,)
@@ -34,7 +34,7 @@ class MonitoringStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.settings = MonitorSettings.from_env()
         app = worker.app
-        ws = app.vlmq_worker_settings
+        ws = app.vlmq.settings
         metrics = WorkerMetrics(
             {
                 "model": ws.model,
@@ -43,10 +43,10 @@ class MonitoringStep(bootsteps.StartStopStep):
                 "device": ws.device,
                 "max_batch_size": str(ws.max_batch_size),
             },
-            dead_letters=lambda: app.vlmq_quarantine.count,
+            dead_letters=lambda: app.vlmq.quarantine.count,
         )
         self.monitor = WorkerMonitor(metrics, EventOutbox())
-        app.vlmq_batch_observers.append(self.monitor.on_batch)
+        app.vlmq.observers.append(self.monitor.on_batch)
         self._server: MetricsServer | None = None
         self._sampler: Sampler | None = None
 
@@ -66,7 +66,7 @@ class MonitoringStep(bootsteps.StartStopStep):
         if settings.metrics_port:
             registry = self.monitor.metrics.registry
             self._server = serve_metrics(registry, settings.metrics_addr, settings.metrics_port)
-        device = app.vlmq_worker_settings.device
+        device = app.vlmq.settings.device
         queues = list(app.amqp.queues.consume_from)
         self._sampler = Sampler(
             self.monitor,
@@ -91,5 +91,5 @@ class MonitoringStep(bootsteps.StartStopStep):
 
     def info(self, worker: Any) -> dict[str, Any]:
         """This worker's figures for ``inspect stats`` (the event loop thread)."""
-        ws = worker.app.vlmq_worker_settings
+        ws = worker.app.vlmq.settings
         return stats_fields(ws.served_model, ws.device, self.monitor.row())

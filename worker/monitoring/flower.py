@@ -8,7 +8,7 @@ figure not known yet (no batch run, or no GPU) is left out, as in the events.
 
 from typing import Any
 
-from worker.monitoring.state import WorkerRow
+from producer.cluster import WorkerRow
 
 NO_GPU = "no GPU"
 _GIB = 1024**3

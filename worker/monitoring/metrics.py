@@ -7,8 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.batcher import BatchStats
-from worker.monitoring.schema import Sample
+from producer.events import BatchStats, Sample
 
 logger = logging.getLogger(__name__)
 

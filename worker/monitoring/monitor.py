@@ -3,19 +3,19 @@
 import threading
 import time
 
-from worker.batcher import BatchStats
-from worker.monitoring.metrics import WorkerMetrics
-from worker.monitoring.outbox import EventOutbox
-from worker.monitoring.schema import (
+from producer.cluster import ClusterState, WorkerRow
+from producer.events import (
     BATCH_EVENT,
     GPU_EVENT,
+    BatchStats,
     GpuReading,
     Sample,
     Totals,
     batch_fields,
     sample_fields,
 )
-from worker.monitoring.state import ClusterState, WorkerRow
+from worker.monitoring.metrics import WorkerMetrics
+from worker.monitoring.outbox import EventOutbox
 
 #: The name this worker's own events are folded under in :meth:`WorkerMonitor.row`.
 _SELF = "self"

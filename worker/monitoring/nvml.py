@@ -1,4 +1,5 @@
-"""Read the worker's GPU through NVML (``pynvml`` from nvidia-ml-py); never raises."""
+"""The one NVML wrapper (``pynvml`` from nvidia-ml-py): the worker's monitoring, ``vlmq worker
+--gpus all`` and the bench read GPUs through it; reading never raises."""
 
 import logging
 import os
@@ -6,7 +7,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from worker.monitoring.schema import GpuReading
+from producer.events import GpuReading
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,17 @@ def _torch_device_uuid() -> str | None:
     except Exception:  # an old torch without .uuid, a lost device
         return None
     return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+def count_gpus() -> int:
+    """How many GPUs NVML sees; raises what NVML raises (no nvidia-ml-py, no driver)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
 
 
 class GpuProbe:

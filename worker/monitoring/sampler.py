@@ -4,10 +4,10 @@ import logging
 import threading
 from collections.abc import Callable
 
+from producer.events import GpuReading
 from worker.monitoring.backlog import BrokerBacklog, buffered_requests
 from worker.monitoring.monitor import WorkerMonitor
 from worker.monitoring.nvml import GpuProbe
-from worker.monitoring.schema import GpuReading
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from producer.protocol import env_int
+from producer.config import env_int
 
 
 @dataclass(frozen=True)

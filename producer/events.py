@@ -1,4 +1,4 @@
-"""The custom worker events vlmq sends, and their fields.
+"""The event schema viewers read: the custom worker events vlmq sends, and their fields.
 
 Celery sets every field of a ``worker-*`` event as an attribute of the worker in
 ``celery.events.state`` and counts the event as a heartbeat, so the names below never
@@ -7,10 +7,7 @@ shadow Celery's own (``active``, ``processed``, ``freq``…). A figure that cann
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # viewers import this module; worker.batcher pulls in the model code
-    from worker.batcher import BatchStats
+from typing import Any
 
 GPU_EVENT = "worker-gpu"
 """Sent every ``VLMQ_MONITOR_INTERVAL_MS``: GPU figures, queue depth and running totals."""
@@ -54,6 +51,34 @@ BATCH_FIELDS = {
 
 
 @dataclass(frozen=True)
+class BatchStats:
+    """What the model did since the last report (a ``worker-batch`` event's figures).
+
+    A report covers one batch of the batch executor, or about a second of decode steps of
+    the continuous engine.
+    """
+
+    finished_at: float  # epoch seconds
+    window_s: float  # wall time this report covers
+    steps: int  # executor steps (batches, or decode steps) in the window
+    batch_size: float  # mean requests computed together per step
+    slots_in_use: int  # requests inside the model after the last step
+    finished: int  # requests that ended in the window
+    failed: int  # of those, how many ended in a named error
+    pending: int  # requests still buffered in this worker
+    queue_wait_ms: float  # mean wait in this worker's buffer of the requests admitted
+    model_ms: float  # time inside executor steps
+    prefill_ms: float | None  # None: the executor does not tell prefill from decode
+    decode_ms: float | None
+    prompt_tokens: int
+    answer_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.answer_tokens / self.window_s if self.window_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class GpuReading:
     """One reading of the worker's GPU; ``None`` where the figure is not available."""
 
@@ -76,7 +101,7 @@ class Totals:
     prompt_tokens: int = 0
     answer_tokens: int = 0
 
-    def add(self, stats: "BatchStats") -> "Totals":
+    def add(self, stats: BatchStats) -> "Totals":
         """These totals plus one report."""
         return Totals(
             steps=self.steps + stats.steps,
@@ -119,7 +144,7 @@ def sample_fields(sample: Sample) -> dict[str, Any]:
     )
 
 
-def batch_fields(stats: "BatchStats") -> dict[str, Any]:
+def batch_fields(stats: BatchStats) -> dict[str, Any]:
     """The fields of a ``worker-batch`` event; prefill and decode times are left out where
     the executor does not tell them apart (the batch executor)."""
     return _present(

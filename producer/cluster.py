@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.monitoring.schema import BATCH_EVENT, GPU_EVENT
+from producer.events import BATCH_EVENT, GPU_EVENT
 
 
 @dataclass(frozen=True)
