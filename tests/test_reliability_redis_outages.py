@@ -32,6 +32,9 @@ WORKER_ENV = {
     "VLMQ_MAX_BATCH_SIZE": "8",
     "VLMQ_MAX_WAIT_MS": "50",
     "VLMQ_MAX_NEW_TOKENS": "128",
+    # A message taken in the instant of a cut is lost by kombu; the sweeper sends it again
+    # (README, Delivery): sweeping often keeps that wait short.
+    "VLMQ_SWEEP_INTERVAL_S": "5",
 }
 
 
