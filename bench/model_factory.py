@@ -256,14 +256,13 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 
 def quantisation_scales(weight: torch.Tensor) -> list[torch.Tensor]:
-    """The scales bitsandbytes keeps beside a quantized weight: nf4's ``quant_state`` (absmax
-    per block, and its own quantized state when nested), int8's per-row ``SCB``."""
+    """The scales bitsandbytes keeps beside an nf4 weight: its ``quant_state`` (absmax per
+    block, and its own quantized state when nested)."""
     found = []
     state = getattr(weight, "quant_state", None)
     while state is not None:
         found += [getattr(state, "absmax", None), getattr(state, "code", None)]
         state = getattr(state, "state2", None)
-    found.append(getattr(weight, "SCB", None))
     return [t for t in found if isinstance(t, torch.Tensor)]
 
 

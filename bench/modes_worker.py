@@ -82,7 +82,7 @@ def mode_cb(bench: Bench, key: str) -> None:
 
 
 def mode_quant(bench: Bench, key: str) -> None:
-    """nf4 / int8: the saved model loaded quantized, as the worker loads it, served by the
+    """nf4: the saved model loaded quantized, as the worker loads it, served by the
     executor the worker builds for that precision."""
     mode = bench.start_mode(key, key)
     if not bench.args.device.startswith("cuda"):

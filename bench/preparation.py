@@ -27,6 +27,7 @@ from bench.progress import log, set_log_file
 from bench.state import SAVED_MODES, Bench
 from bench.workload import ANSWER_MAX, Workload, mean_answer_tokens, scaled_length
 from producer.protocol import Limits
+from worker.settings import QUANTIZED
 
 
 def setup(bench: Bench) -> None:
@@ -140,7 +141,7 @@ def preflight(bench: Bench) -> None:
     count = bench.results["device"].get("count", 0)
     if "d2" in a.modes and on_cuda and count < 2:
         bench.skips.setdefault("d2", f"fewer than 2 GPUs are visible ({count})")
-    for key in ("nf4", "int8"):
+    for key in QUANTIZED:
         if key not in a.modes:
             continue
         missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]

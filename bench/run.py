@@ -2,13 +2,13 @@
 
 Order: bandwidth, model build (on the GPU), (a), (b), (c), (cb) on the in-process model; then
 the model is saved (for ``from_pretrained``) and freed; then (d) with a worker process, then the
-nf4 and int8 loads through the project's ``load_model``. The results JSON is rewritten after
+nf4 load through the project's ``load_model``. The results JSON is rewritten after
 every mode, so a crash or a kill keeps what was measured. Sizes come from flags and are cut
 to each mode's time budget using the step times measured on the way. Every mode runs each
 batch shape it times once, untimed, first (its cold cost is reported apart).
 
 The pieces, top down: this file (flags, order); ``preparation`` (device, workload, preflight);
-``modes_generate`` (a, b), ``modes_worker`` (c, cb, nf4, int8), ``modes_system`` (d, d2);
+``modes_generate`` (a, b), ``modes_worker`` (c, cb, nf4), ``modes_system`` (d, d2);
 ``models`` (the in-process model); ``drive`` and ``targets`` (the worker's loop and factory
 as the modes run them); ``state`` (the run's shared state); ``report`` and ``tables``.
 """
@@ -38,10 +38,12 @@ from bench.state import (
     SMOKE_BUDGETS,
     Bench,
 )
+from producer.errors import ConfigurationError
+from worker.settings import QUANTIZED, REMOVED_PRECISIONS, check_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "bench"
-ALL_MODES = ["a", "b", "cb", "c", "d", "nf4", "int8"]
+ALL_MODES = ["a", "b", "cb", "c", "d", *QUANTIZED]
 #: Modes run only when named in ``--modes``: (d2) needs two GPUs.
 EXTRA_MODES = ["d2"]
 
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="vlmq GPU benchmark: modes a (generate, batch 1), b (static batches), "
         "c (the worker's continuous engine in process), cb (the worker's batch executor in "
-        "process), d (producer -> Redis -> Celery worker), nf4, int8 (the worker's default "
+        "process), d (producer -> Redis -> Celery worker), nf4 (the worker's default "
         "executor on quantized weights); d2 (as d, one worker per GPU on two GPUs) only when "
         "named.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir",
         type=Path,
-        help="where the model is saved for (d), nf4, int8 (default: /dev/shm/vlmq-bench-<model> "
+        help="where the model is saved for (d), nf4 (default: /dev/shm/vlmq-bench-<model> "
         "if that has room, else /tmp/vlmq-bench-<model>; reused when already there)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-scale", type=float, help="answer lengths x this (default 0.25)")
     p.add_argument("--requests-a", type=int, help="requests for (a) (default 4)")
     p.add_argument("--batches", type=int, help="closed-loop batches for b, c, d (default 2)")
-    p.add_argument("--requests-quant", type=int, help="requests for nf4/int8 (default: a batch)")
+    p.add_argument("--requests-quant", type=int, help="requests for nf4 (default: a batch)")
     p.add_argument(
         "--max-batch", type=int, help="batch size of b, cb; slots of c, d (default: largest fit)"
     )
@@ -131,6 +133,11 @@ def _defaults(args: argparse.Namespace) -> argparse.Namespace:
         budgets[key.strip()] = float(value)
     args.budgets = budgets
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for key in REMOVED_PRECISIONS.keys() & set(args.modes):
+        try:
+            check_precision(key, "--modes")
+        except ConfigurationError as exc:
+            raise SystemExit(f"bench: {exc}") from exc
     unknown = set(args.modes) - set(ALL_MODES + EXTRA_MODES)
     if unknown:
         raise SystemExit(
@@ -173,7 +180,7 @@ def run_all(bench: Bench) -> int:
         bench.run_mode("d", mode_d)
     if "d2" in modes:
         bench.run_mode("d2", mode_d2)
-    for key in ("nf4", "int8"):
+    for key in QUANTIZED:
         if key in modes:
             bench.run_mode(key, mode_quant)
     return finish(bench)

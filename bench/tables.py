@@ -2,7 +2,7 @@
 
 ``python -m bench.tables md RESULTS.json`` rewrites the Markdown next to a results JSON;
 ``python -m bench.tables merge OUT.json A.json B.json`` merges runs of the same card (modes
-of later files win), e.g. a run of a,b,c,d and a run of nf4,int8;
+of later files win), e.g. a run of a,b,c,d and a run of nf4;
 ``python -m bench.tables compare A.json B.json`` prints the headline (saturated tok/s and its
 ratios) of runs side by side, e.g. the default ``--length-scale`` beside ``--length-scale 1``.
 """
@@ -25,6 +25,7 @@ from bench.report import (
     targets,
     write_json,
 )
+from worker.settings import QUANTIZED
 
 TARGET_HEADER = ["target", "value", "goal", "pass", "note"]
 
@@ -172,7 +173,7 @@ def facts(results: dict) -> list[str]:
         )
     for key in MODE_ORDER:
         mode = results.get("modes", {}).get(key, {})
-        if mode.get("load_s") is not None and key in ("nf4", "int8"):
+        if mode.get("load_s") is not None and key in QUANTIZED:
             lines.append(f"- {key}: loaded by `load_model` in {_f(mode['load_s'])} s")
         engine = mode.get("engine") or {}
         if engine.get("engine") == "continuous" and "slots" in engine and key not in ("d", "d2"):

@@ -32,7 +32,7 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
             "bench",
             "--smoke",
             "--modes",
-            "a,b,cb,c,d,nf4,int8,d2",
+            "a,b,cb,c,d,nf4,d2",
             "--out",
             str(tmp_path),
             "--name",
@@ -66,7 +66,7 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
                 assert record["error"] is None, (key, record)
                 # Forced lengths: every answer, the engine's included, has exactly its length.
                 assert record["answer_tokens"] == record["expected_tokens"], (key, record)
-    assert results["modes"]["nf4"]["status"] == results["modes"]["int8"]["status"] == "skipped"
+    assert results["modes"]["nf4"]["status"] == "skipped"
 
     c, d = results["modes"]["c"], results["modes"]["d"]
     # (c) is the worker's default engine, streaming: requests joined while others decoded.
@@ -154,7 +154,16 @@ def test_steady_window_and_targets() -> None:
     assert "FAIL" not in tables.markdown(results)
 
 
+def test_int8_mode_is_refused_as_removed() -> None:
+    from bench.run import main
+
+    with pytest.raises(SystemExit, match=r"bench: --modes=int8 was removed: .* Use bf16, or nf4"):
+        main(["--smoke", "--modes", "c,int8"])
+
+
 def test_quantisation_scales_count_in_the_weight_bytes() -> None:
+    from types import SimpleNamespace
+
     import torch
 
     from bench.model_factory import weight_bytes
@@ -163,8 +172,12 @@ def test_quantisation_scales_count_in_the_weight_bytes() -> None:
     layer.language_model = torch.nn.Linear(4, 4, bias=False)
     weight = layer.language_model.weight
     plain = weight_bytes(layer)["decode"]
-    weight.SCB = torch.ones(4, dtype=torch.float32)  # int8: one scale per row
-    assert weight_bytes(layer)["decode"] == plain + 16
+    # nf4: absmax per block and the code book, and the same again for the nested (double) state.
+    nested = SimpleNamespace(absmax=torch.ones(1), code=torch.ones(256), state2=None)
+    weight.quant_state = SimpleNamespace(
+        absmax=torch.ones(2, dtype=torch.uint8), code=torch.ones(16), state2=nested
+    )
+    assert weight_bytes(layer)["decode"] == plain + 2 + 16 * 4 + 4 + 256 * 4
 
 
 def test_full_size_architecture_tokenizer_and_tiles() -> None:

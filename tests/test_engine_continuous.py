@@ -306,11 +306,13 @@ def test_bad_request_fails_alone(loaded, monkeypatch):
 
 
 def test_stats_start_at_zero_and_defaults(loaded):
+    if DEVICE != "cpu":
+        # There the planner gives the caches 90 % of the free memory, which a cycle through
+        # the captured graphs can hold for the rest of the module.
+        pytest.skip("on a GPU the memory planner picks the slots")
     model, processor = loaded
     engine = ContinuousEngine(model, processor)
     assert engine.stats == EngineStats()
-    if DEVICE != "cpu":
-        pytest.skip("on a GPU the memory planner picks the slots")
     assert (engine.max_slots, engine.max_seq_len) == (8, 512)
     assert engine.free_slots == 8 and not engine.has_work()
     assert engine.step() == []

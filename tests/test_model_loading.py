@@ -36,10 +36,16 @@ def test_unknown_precision_is_refused(tiny_model_dir: Path, precision: str) -> N
         load_model(str(tiny_model_dir), precision=precision, device="cpu")
 
 
-@pytest.mark.parametrize("precision", ["nf4", "int8"])
-def test_bitsandbytes_needs_cuda(tiny_model_dir: Path, precision: str) -> None:
+def test_bitsandbytes_needs_cuda(tiny_model_dir: Path) -> None:
     with pytest.raises(ConfigurationError, match="CUDA"):
-        load_model(str(tiny_model_dir), precision=precision, device="cpu")
+        load_model(str(tiny_model_dir), precision="nf4", device="cpu")
+
+
+def test_int8_is_refused_as_removed(tiny_model_dir: Path) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"precision=int8 was removed: .* Use bf16, or nf4"
+    ):
+        load_model(str(tiny_model_dir), precision="int8", device="cpu")
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")

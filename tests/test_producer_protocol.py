@@ -188,8 +188,8 @@ def test_brackets_and_pipes_that_are_no_special_token_pass(question: str) -> Non
 
 def test_served_model_ids_and_queues() -> None:
     assert served_model_id("/srv/Llama-3.2V-11B-cot", "bf16") == "llama-3.2v-11b-cot.bf16"
-    assert served_model_id("meta-llama/Llama-3.2-11B-Vision-Instruct", "int8") == (
-        "llama-3.2-11b-vision-instruct.int8"
+    assert served_model_id("meta-llama/Llama-3.2-11B-Vision-Instruct", "nf4") == (
+        "llama-3.2-11b-vision-instruct.nf4"
     )
     assert model_queue("vlmq", "llama-3.2v-11b-cot.bf16") == "vlmq.llama-3.2v-11b-cot.bf16"
     AnalysisRequest.from_message(message(model="llama-3.2v-11b-cot.bf16"), LIMITS)

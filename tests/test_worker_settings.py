@@ -6,7 +6,7 @@ from producer.errors import ConfigurationError
 from worker.bootstep import refuse_unsupported_pool
 from worker.cli import celery_worker_argv
 from worker.gpu import pin_gpu
-from worker.settings import WorkerSettings
+from worker.settings import PRECISIONS, WorkerSettings
 
 
 def test_defaults_need_only_a_model():
@@ -56,12 +56,23 @@ def test_values_are_parsed():
         ({"VLMQ_MAX_WAIT_MS": "-5"}, "integer in 0..60000"),
         ({"VLMQ_WARMUP": "maybe"}, "VLMQ_WARMUP"),
         ({"VLMQ_SWEEP_INTERVAL_S": "-1"}, "VLMQ_SWEEP_INTERVAL_S"),
-        ({"VLMQ_PRECISION": "int8", "VLMQ_DEVICE": "cpu"}, "bitsandbytes"),
+        ({"VLMQ_PRECISION": "nf4", "VLMQ_DEVICE": "cpu"}, "bitsandbytes"),
     ],
 )
 def test_bad_settings_say_how_to_fix_them(env, needle):
     with pytest.raises(ConfigurationError, match=needle):
         WorkerSettings.from_env({"VLMQ_MODEL": "/m", **env})
+
+
+@pytest.mark.parametrize("value", ["int8", "INT8", " int8 "])
+def test_int8_is_refused_as_removed_naming_what_to_use(value):
+    with pytest.raises(ConfigurationError) as refused:
+        WorkerSettings.from_env({"VLMQ_MODEL": "/m", "VLMQ_PRECISION": value})
+    message = str(refused.value)
+    assert message.startswith("VLMQ_PRECISION=int8 was removed: ")
+    assert "25x slower than bf16 on an H200" in message
+    assert "Use bf16, or nf4 for a smaller memory footprint" in message
+    assert "int8" not in PRECISIONS
 
 
 def test_missing_model_says_what_to_set():

@@ -1,7 +1,7 @@
 """The one factory of the worker's executor: load the model, build the executor, warm it up.
 
 The worker's bootstep, the bench and the demo all build their executor here, so what they
-run is what the worker runs (e.g. int8 decodes without CUDA graphs).
+run is what the worker runs.
 """
 
 import dataclasses
@@ -71,19 +71,11 @@ def build_executor(
         from worker.engine import ContinuousEngine
 
         t0 = time.perf_counter()
-        graphs = settings.precision != "int8"
-        if not graphs:
-            logger.warning(
-                "int8 weights: the engine decodes without CUDA graphs (bitsandbytes' int8 "
-                "matmul cannot be captured: cudaErrorStreamCaptureInvalidated); bf16 or nf4 "
-                "are much faster"
-            )
         engine = ContinuousEngine(
             model,
             processor,
             max_slots=settings.max_batch_size,
             max_seq_len=settings.limits.max_new_tokens + PROMPT_TOKENS,
-            cuda_graphs=graphs,
             skip_padding_tiles=settings.padding_tiles == "skip",
         )
         logger.info(

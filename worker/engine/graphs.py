@@ -9,13 +9,37 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
+from typing import TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[int, int], torch.Tensor]
+Key = TypeVar("Key", bound=Hashable)
+
+
+def capture_graphs(
+    keys: Iterable[Key], run: Callable[[Key], torch.Tensor], device: torch.device
+) -> dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
+    """Capture ``run(key)`` for each key on a memory pool of their own, each after one warm-up
+    run (lazy inits and kernel selection off-graph); give the keys largest first, so smaller
+    shapes reuse the pool's memory. Each graph's output is overwritten by its next replay."""
+    graphs = {}
+    pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for key in keys:
+            run(key)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = run(key)
+            graphs[key] = (graph, out)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    return graphs
 
 
 def batch_buckets(max_slots: int) -> list[int]:
@@ -62,19 +86,9 @@ class DecodeGraphs:
         if not self.use_graphs:
             return
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for rows in reversed(self.rows):
-                for length in reversed(self.lengths):
-                    self.step(rows, length)  # warm-up: lazy inits and autotuning off-graph
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        out = self.step(rows, length)
-                    self._graphs[(rows, length)] = (graph, out)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        keys = [(rows, length) for rows in reversed(self.rows) for length in reversed(self.lengths)]
+        device = torch.device("cuda", torch.cuda.current_device())
+        self._graphs = capture_graphs(keys, lambda key: self.step(*key), device)
         self.capture_s = time.perf_counter() - start
         logger.info(
             "captured %d decode graphs (rows %s x lengths %s) in %.1f s",

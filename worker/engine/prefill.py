@@ -15,7 +15,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from worker.engine.attention import apply_rope, gqa_attention
-from worker.engine.graphs import pick
+from worker.engine.graphs import capture_graphs, pick
 from worker.engine.inputs import to_device
 from worker.engine.parts import MllamaParts
 from worker.engine.slots import SlotCache
@@ -147,19 +147,10 @@ class TextPrefill:
             "lengths": torch.ones(rows, dtype=torch.long, device=device),
             "unseen": torch.ones(rows, tiles, dtype=torch.bool, device=device),
         }
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), sdpa_kernel(PREFILL_BACKENDS):
-            for count in reversed(PREFILL_ROWS):
-                for width in reversed(self.widths):
-                    self._forward(count, width)  # warm-up: lazy inits off-graph
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        out = self._forward(count, width)
-                    self._graphs[(count, width)] = (graph, out)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
+        widths = list(reversed(self.widths))
+        keys = [(count, width) for count in reversed(PREFILL_ROWS) for width in widths]
+        with sdpa_kernel(PREFILL_BACKENDS):
+            self._graphs = capture_graphs(keys, lambda key: self._forward(*key), device)
         self.capture_s = time.perf_counter() - start
         logger.info(
             "captured %d prefill graphs (rows %s x widths %s) in %.1f s",

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.fused import concat_linears
+from worker.engine.graphs import capture_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -206,20 +207,14 @@ class VisionGraphs:
         self._pixels = torch.zeros(biggest, tiles, 3, image_size, image_size, dtype=dtype,
                                    device=device)  # fmt: skip
         self._ratios = torch.ones(biggest, dtype=torch.long, device=device)
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for count in reversed(VISION_BATCHES):
-                for real in range(tiles, 0, -1):
-                    args = (self._pixels[:count], self._ratios[:count], real)
-                    self.tower(*args)  # warm-up: kernel selection off-graph
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        out = self.tower(*args)
-                    self._graphs[(real, count)] = (graph, out)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
+        keys = [(real, count) for count in reversed(VISION_BATCHES) for real in range(tiles, 0, -1)]
+
+        def run(key: tuple[int, int]) -> torch.Tensor:
+            real, count = key
+            return self.tower(self._pixels[:count], self._ratios[:count], real)
+
+        with torch.inference_mode():
+            self._graphs = capture_graphs(keys, run, device)
         self.capture_s = time.perf_counter() - start
         logger.info(
             "captured %d vision graphs (tiles 1-%d x batches %s) in %.1f s",

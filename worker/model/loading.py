@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from producer.errors import ConfigurationError
-from worker.settings import DTYPE_PRECISIONS, PRECISIONS, QUANTIZED
+from worker.settings import DTYPE_PRECISIONS, QUANTIZED, check_precision
 
 DTYPES = dict(zip(DTYPE_PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 
@@ -30,10 +30,7 @@ def _is_installed(module: str) -> bool:
 
 
 def _check_settings(precision: str, attn_implementation: str, device: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigurationError(
-            f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}."
-        )
+    check_precision(precision, "precision")
     if attn_implementation == "flash_attention_2" and not _is_installed("flash_attn"):
         raise ConfigurationError(
             "attn_implementation 'flash_attention_2' needs the flash-attn package, which is not "
@@ -80,15 +77,15 @@ def _check_model_path(model_id: str) -> None:
     )
 
 
-def _quantization_config(precision: str) -> BitsAndBytesConfig:
-    if precision == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=BNB_SKIP_MODULES,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=BNB_SKIP_MODULES)
+def _quantization_config() -> BitsAndBytesConfig:
+    """nf4, the one quantized precision. ``llm_int8_skip_modules`` is bitsandbytes' name for
+    the modules left unquantized, whatever the precision."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=BNB_SKIP_MODULES,
+    )
 
 
 def load_model(
@@ -100,8 +97,8 @@ def load_model(
 ) -> tuple[MllamaForConditionalGeneration, ProcessorMixin]:
     """Load an Mllama model (local directory or hub id) and its processor, ready for inference.
 
-    ``precision`` is one of bf16, fp16, fp32 (weights in that dtype) or nf4, int8 (the language
-    model quantized by bitsandbytes, the rest in bf16; CUDA only). The model is put on
+    ``precision`` is one of bf16, fp16, fp32 (weights in that dtype) or nf4 (the language model
+    quantized by bitsandbytes, the rest in bf16; CUDA only). The model is put on
     ``device`` in eval mode; the processor pads on the left, as batched generation needs.
     Raises ConfigurationError, saying how to fix it, for settings that cannot work here.
     """
@@ -112,7 +109,7 @@ def load_model(
             model_id,
             dtype=torch.bfloat16,
             attn_implementation=attn_implementation,
-            quantization_config=_quantization_config(precision),
+            quantization_config=_quantization_config(),
             device_map={"": device},
         )
     else:
