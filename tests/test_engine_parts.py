@@ -11,7 +11,7 @@ from worker.engine.fused import EAGER_KERNELS, compiled_kernels
 from worker.engine.graphs import batch_buckets, length_buckets, pick
 from worker.engine.parts import Geometry
 from worker.engine.sampling import sample, top_p_filter
-from worker.engine.slots import bytes_per_slot, plan_capacity
+from worker.engine.slots import bytes_per_slot, cache_budget, plan_capacity
 
 REAL_11B = Geometry(
     hidden_size=4096,
@@ -64,6 +64,18 @@ def test_plan_on_cpu_uses_small_defaults():
         max_slots=3, max_seq_len=64, memory_fraction=0.9,
     )  # fmt: skip
     assert (plan.max_slots, plan.max_seq_len) == (3, 64)
+
+
+def test_cache_budget_within_a_memory_limit():
+    gib = 2**30
+    # No limit: a fraction of what is free, less the workspace.
+    assert cache_budget(60 * gib, 10 * gib, 0.9, None, 2 * gib) == int(54 * gib) - 2 * gib
+    # A 24 GiB limit binds: the weights already allocated count against it.
+    assert cache_budget(60 * gib, 9 * gib, 0.9, 24 * gib, 2 * gib) == 13 * gib
+    # A limit above what is free: the free memory binds.
+    assert cache_budget(10 * gib, 9 * gib, 0.9, 80 * gib, 2 * gib) == 7 * gib
+    # Weights beyond the limit: nothing left (the planner then refuses, naming the budget).
+    assert cache_budget(60 * gib, 30 * gib, 0.9, 24 * gib, 2 * gib) < 0
 
 
 def test_top_p_filter_keeps_the_smallest_reaching_set():

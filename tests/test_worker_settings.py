@@ -16,6 +16,7 @@ def test_defaults_need_only_a_model():
     assert s.max_batch_size == 32
     assert s.max_wait_s == 0.05
     assert s.sweep_interval_s == 30
+    assert s.gpu_memory_gib == 0  # no limit
 
 
 @pytest.mark.parametrize(
@@ -38,9 +39,11 @@ def test_values_are_parsed():
             "VLMQ_MAX_WAIT_MS": "0",
             "VLMQ_WARMUP": "0",
             "VLMQ_SWEEP_INTERVAL_S": "0",
+            "VLMQ_GPU_MEMORY_GIB": "24",
         }
     )
     assert (s.precision, s.max_batch_size, s.max_wait_ms, s.warmup) == ("nf4", 8, 0, False)
+    assert s.gpu_memory_gib == 24
     assert s.sweep_interval_s == 0  # no sweeper
 
 
@@ -56,6 +59,7 @@ def test_values_are_parsed():
         ({"VLMQ_MAX_WAIT_MS": "-5"}, "integer in 0..60000"),
         ({"VLMQ_WARMUP": "maybe"}, "VLMQ_WARMUP"),
         ({"VLMQ_SWEEP_INTERVAL_S": "-1"}, "VLMQ_SWEEP_INTERVAL_S"),
+        ({"VLMQ_GPU_MEMORY_GIB": "24GiB"}, "VLMQ_GPU_MEMORY_GIB=0"),
         ({"VLMQ_PRECISION": "nf4", "VLMQ_DEVICE": "cpu"}, "bitsandbytes"),
     ],
 )

@@ -76,6 +76,7 @@ def build_executor(
             processor,
             max_slots=settings.max_batch_size,
             max_seq_len=settings.limits.max_new_tokens + PROMPT_TOKENS,
+            memory_limit=settings.gpu_memory_gib * 2**30 or None,
             skip_padding_tiles=settings.padding_tiles == "skip",
         )
         logger.info(

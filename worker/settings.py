@@ -56,13 +56,14 @@ class WorkerSettings:
     batch), ``MAX_BATCH_SIZE`` (requests computed together: the engine's slots),
     ``MAX_WAIT_MS``, ``PADDING_TILES`` (encode: the vision tower encodes every image as
     ``max_tiles`` tiles, as HF and the trained model do; skip: the real tiles only, a one-tile
-    image about a quarter of the cost, outputs of images of fewer tiles change, see
-    :mod:`worker.engine.vision`), ``WARMUP`` (1/0), ``MAX_ATTEMPTS`` (runs of a task that may
-    end without a result —
-    a worker crash — before it fails as ``ModelError``), ``SWEEP_INTERVAL_S`` (how often
-    the sweeper looks for accepted tasks whose message was lost, :mod:`worker.sweeper`; 0:
-    never), plus the request limits of
-    :class:`producer.protocol.Limits` (``MAX_NEW_TOKENS`` is the cap on new tokens).
+    image about a sixth of the cost, outputs of images of fewer tiles change, see
+    :mod:`worker.engine.vision`), ``GPU_MEMORY_GIB`` (0: the engine's caches take 90 % of the
+    free GPU memory; N: the worker's tensors, weights included, stay within N GiB),
+    ``WARMUP`` (1/0), ``MAX_ATTEMPTS`` (runs of a task that may end without a result — a
+    worker crash — before it fails as ``ModelError``), ``SWEEP_INTERVAL_S`` (how often the
+    sweeper looks for accepted tasks whose message was lost, :mod:`worker.sweeper`; 0:
+    never), plus the request limits of :class:`producer.protocol.Limits`
+    (``MAX_NEW_TOKENS`` is the cap on new tokens).
     """
 
     model: str
@@ -71,6 +72,7 @@ class WorkerSettings:
     device: str = "cuda"
     engine: str = "continuous"
     padding_tiles: str = "encode"
+    gpu_memory_gib: int = 0
     max_batch_size: int = 32
     max_wait_ms: int = 50
     warmup: bool = True
@@ -126,6 +128,7 @@ class WorkerSettings:
             device=device,
             engine=_choice(env, "VLMQ_ENGINE", "continuous", ENGINES),
             padding_tiles=_choice(env, "VLMQ_PADDING_TILES", "encode", ("encode", "skip")),
+            gpu_memory_gib=env_int(env, "VLMQ_GPU_MEMORY_GIB", 0, low=0, high=4096),
             max_batch_size=env_int(env, "VLMQ_MAX_BATCH_SIZE", 32, low=1, high=1024),
             max_wait_ms=env_int(env, "VLMQ_MAX_WAIT_MS", 50, low=0, high=60_000),
             warmup=warmup in ("1", "true", "yes"),

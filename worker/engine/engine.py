@@ -118,7 +118,8 @@ class ContinuousEngine:
     requests that finished. On CUDA an admission's images are encoded on a side stream while
     the running rows keep decoding; its prompts are prefilled in the first step after that.
     ``max_slots`` / ``max_seq_len`` default to what ``memory_fraction`` of the free GPU memory
-    holds (8 slots of 512 tokens on CPU). ``skip_padding_tiles``: see ``worker.engine.vision``.
+    holds, within ``memory_limit`` bytes for all of the process's tensors if given (8 slots of
+    512 tokens on CPU). ``skip_padding_tiles``: see ``worker.engine.vision``.
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class ContinuousEngine:
         cuda_graphs: bool = True,
         compiled: bool = True,
         memory_fraction: float = 0.9,
+        memory_limit: int | None = None,
         skip_padding_tiles: bool = False,
     ) -> None:
         self.model = model
@@ -151,6 +153,7 @@ class ContinuousEngine:
             max_slots=max_slots,
             max_seq_len=max_seq_len,
             memory_fraction=memory_fraction,
+            memory_limit=memory_limit,
         )
         self.max_slots = capacity.max_slots
         self.max_seq_len = capacity.max_seq_len

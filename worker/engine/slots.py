@@ -55,6 +55,18 @@ def workspace_bytes(geometry: Geometry, vision_config: object, dtype: torch.dtyp
     return VISION_BATCH * per_image + (1 << 30)
 
 
+def cache_budget(
+    free: int, allocated: int, memory_fraction: float, memory_limit: int | None, workspace: int
+) -> int:
+    """Bytes the slot caches may take: ``memory_fraction`` of the ``free`` device memory and,
+    with a ``memory_limit``, no more than that limit leaves beside the ``allocated`` tensors (the
+    weights, quantized or not, at their real size), less the prefill ``workspace``."""
+    budget = int(free * memory_fraction)
+    if memory_limit is not None:
+        budget = min(budget, memory_limit - allocated)
+    return budget - workspace
+
+
 def plan_capacity(
     geometry: Geometry,
     vision_config: object,
@@ -64,11 +76,12 @@ def plan_capacity(
     max_slots: int | None,
     max_seq_len: int | None,
     memory_fraction: float,
+    memory_limit: int | None = None,
 ) -> Capacity:
     """Choose slots and sequence length: given values are checked, missing ones derived.
 
-    On CUDA the budget is ``memory_fraction`` of the memory free now (after the weights), less a
-    prefill workspace. On other devices missing values get small defaults.
+    On CUDA the budget is :func:`cache_budget` of the memory free now (after the weights). On
+    other devices missing values get small defaults.
     """
     if max_seq_len is None:
         default = GPU_SEQ_LEN if device.type == "cuda" else CPU_SEQ_LEN
@@ -82,7 +95,8 @@ def plan_capacity(
 
     torch.cuda.empty_cache()  # blocks the allocator keeps but does not use count as free
     free, _total = torch.cuda.mem_get_info(device)
-    budget = int(free * memory_fraction) - workspace
+    allocated = torch.cuda.memory_allocated(device)
+    budget = cache_budget(free, allocated, memory_fraction, memory_limit, workspace)
     fit = max(budget, 0) // per_slot
     if max_slots is None:
         max_slots = min(fit, MAX_AUTO_SLOTS)
