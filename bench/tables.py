@@ -113,6 +113,36 @@ def rate_rows(results: dict) -> list[list[str]]:
     return rows
 
 
+ADMISSION_HEADER = [
+    "mode", "run", "vision ms", "projector + cross K/V ms", "text prefill ms", "host ms",
+    "longest decode gap ms", "gap in steps",
+]  # fmt: skip
+
+
+def admission_rows(results: dict) -> list[list[str]]:
+    """Per admitted request, one row per engine run: the GPU time of each admission phase
+    (measured on the side stream, beside decode), the host time launching it, and the longest
+    stall of the decoding rows."""
+    rows = []
+    for key in MODE_ORDER:
+        mode = results.get("modes", {}).get(key)
+        for s in (mode or {}).get("summaries", []):
+            phases = s.get("admission_ms")
+            if not phases:
+                continue
+            rows.append(
+                [
+                    key,
+                    s["name"],
+                    *(_f(phases.get(p)) for p in ("vision", "projector_cross_kv",
+                                                   "text_prefill", "host")),
+                    _f(s.get("longest_decode_gap_ms"), "{:.0f}"),
+                    _f(s.get("longest_decode_gap_steps")),
+                ]
+            )  # fmt: skip
+    return rows
+
+
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     """A plain aligned table for the console."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
@@ -229,6 +259,7 @@ def markdown(results: dict) -> str:
             "",
             md_table(RATE_HEADER, rate_rows(results)),
             "",
+            *_admission_section(results),
             "Latency is end to end, from arrival to answer. The floor is the least time a decode "
             "step can take: the bytes it must read over the measured bandwidth. *sat*: while the "
             "closed loop was saturated; for the engine's windowed loops (c, d, quantized) its "
@@ -241,6 +272,7 @@ def markdown(results: dict) -> str:
 
 def console(results: dict) -> str:
     """The tables as printed at the end of a run."""
+    admission = admission_rows(results)
     return "\n".join(
         [
             *facts(results),
@@ -250,8 +282,16 @@ def console(results: dict) -> str:
             text_table(MODE_HEADER, mode_rows(results)),
             "",
             text_table(RATE_HEADER, rate_rows(results)),
+            *(["", text_table(ADMISSION_HEADER, admission)] if admission else []),
         ]
     )
+
+
+def _admission_section(results: dict) -> list[str]:
+    rows = admission_rows(results)
+    if not rows:
+        return []
+    return ["## Admission per request (engine runs)", "", md_table(ADMISSION_HEADER, rows), ""]
 
 
 def merge(paths: Sequence[Path]) -> dict:
