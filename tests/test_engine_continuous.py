@@ -307,8 +307,8 @@ def test_bad_request_fails_alone(loaded, monkeypatch):
 
 def test_stats_start_at_zero_and_defaults(loaded):
     if DEVICE != "cpu":
-        # There the planner gives the caches 90 % of the free memory, which a cycle through
-        # the captured graphs can hold for the rest of the module.
+        # There the planner gives the caches 90 % of the free memory: the later tests' engines
+        # would lack it for as long as this one lived.
         pytest.skip("on a GPU the memory planner picks the slots")
     model, processor = loaded
     engine = ContinuousEngine(model, processor)
