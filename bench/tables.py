@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench.report import (
@@ -89,27 +89,32 @@ RATE_HEADER = [
 ]  # fmt: skip
 
 
+def _summaries(results: dict) -> Iterator[tuple[str, dict]]:
+    """(mode, run summary) for every run of every mode, in the table order."""
+    for key in MODE_ORDER:
+        for summary in (results.get("modes", {}).get(key) or {}).get("summaries", []):
+            yield key, summary
+
+
 def rate_rows(results: dict) -> list[list[str]]:
     """One row per run of every mode (closed loop and each arrival rate)."""
     rows = []
-    for key in MODE_ORDER:
-        mode = results.get("modes", {}).get(key)
-        for s in (mode or {}).get("summaries", []):
-            rows.append(
-                [
-                    key,
-                    s["name"],
-                    _f(s.get("offered_rate"), "{:.2f}"),
-                    _f(s.get("images_per_s"), "{:.2f}"),
-                    _f(s.get("output_tokens_per_s")),
-                    _f(s.get("latency_p50_s")),
-                    _f(s.get("latency_p95_s")),
-                    _f(s.get("latency_p99_s")),
-                    _f(s.get("mean_batch")),
-                    _f(s.get("gpu_util_mean"), "{:.0f}"),
-                    f"{s.get('n_ok', 0)}/{s.get('n_planned', 0)}",
-                ]
-            )
+    for key, s in _summaries(results):
+        rows.append(
+            [
+                key,
+                s["name"],
+                _f(s.get("offered_rate"), "{:.2f}"),
+                _f(s.get("images_per_s"), "{:.2f}"),
+                _f(s.get("output_tokens_per_s")),
+                _f(s.get("latency_p50_s")),
+                _f(s.get("latency_p95_s")),
+                _f(s.get("latency_p99_s")),
+                _f(s.get("mean_batch")),
+                _f(s.get("gpu_util_mean"), "{:.0f}"),
+                f"{s.get('n_ok', 0)}/{s.get('n_planned', 0)}",
+            ]
+        )
     return rows
 
 
@@ -124,22 +129,20 @@ def admission_rows(results: dict) -> list[list[str]]:
     (measured on the side stream, beside decode), the host time launching it, and the longest
     stall of the decoding rows."""
     rows = []
-    for key in MODE_ORDER:
-        mode = results.get("modes", {}).get(key)
-        for s in (mode or {}).get("summaries", []):
-            phases = s.get("admission_ms")
-            if not phases:
-                continue
-            rows.append(
-                [
-                    key,
-                    s["name"],
-                    *(_f(phases.get(p)) for p in ("vision", "projector_cross_kv",
-                                                   "text_prefill", "host")),
-                    _f(s.get("longest_decode_gap_ms"), "{:.0f}"),
-                    _f(s.get("longest_decode_gap_steps")),
-                ]
-            )  # fmt: skip
+    for key, s in _summaries(results):
+        phases = s.get("admission_ms")
+        if not phases:
+            continue
+        rows.append(
+            [
+                key,
+                s["name"],
+                *(_f(phases.get(p)) for p in ("vision", "projector_cross_kv",
+                                               "text_prefill", "host")),
+                _f(s.get("longest_decode_gap_ms"), "{:.0f}"),
+                _f(s.get("longest_decode_gap_steps")),
+            ]
+        )  # fmt: skip
     return rows
 
 

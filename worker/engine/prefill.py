@@ -203,9 +203,7 @@ class TextPrefill:
             with sdpa_kernel(PREFILL_BACKENDS):
                 return prefill_forward(self.parts, self.cache, self.rope, **inputs)[:count]
         for name, tensor in host.items():
-            target = self._static[name][:bucket]
-            if tensor.dim() > 1 and name != "unseen":
-                target = target[:, :width]
+            target = self._static[name][tuple(map(slice, tensor.shape))]
             target.copy_(tensor.pin_memory(), non_blocking=True)
         graph[0].replay()
         return graph[1][:count]
