@@ -1,8 +1,10 @@
 """One decode step over the static slot buffers, with the HF modules' own weights.
 
 Rows are slots ``0..rows-1``; inactive rows compute garbage that nothing reads (they sit at
-position 0 with a valid mask, so nothing turns NaN). The step only slices and indexes static
-buffers with Python ints fixed per (rows, length) bucket, so it can be captured in a CUDA graph.
+the parking position with a valid mask, so nothing turns NaN). The step only slices and indexes
+static buffers with Python ints fixed per (rows, length) bucket, so it can be captured in a CUDA
+graph. On CUDA, attention is the split-KV kernel (``split_kv.py``): each row reads its own
+tokens and its own tiles, with no mask; elsewhere SDPA with an additive mask over the span.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class DecodeStep:
 
     ``length`` bounds the self-attention span: every active row's position must be below it.
     Reads ``cache.tokens`` / ``cache.positions`` and writes the new self K/V at each position.
-    ``compiled`` fuses the pointwise work between the GEMMs where it can (see ``fused.py``).
+    ``compiled`` fuses the pointwise work between the GEMMs where it can (see ``fused.py``);
+    ``split_kv`` (default: on CUDA) runs attention as the split-KV kernel, else SDPA with masks.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class DecodeStep:
         rope: tuple[torch.Tensor, torch.Tensor],
         *,
         compiled: bool = False,
+        split_kv: bool | None = None,
     ) -> None:
         self.parts = parts
         self.cache = cache
@@ -55,14 +59,19 @@ class DecodeStep:
         }
         self.one = torch.ones(1, dtype=dtype, device=device)
         self.ones = torch.ones(cache.max_slots, 1, dtype=dtype, device=device)
-        # Additive attention biases, rebuilt once per step for all layers.
         slots = cache.max_slots
-        self.self_bias = torch.zeros(
-            slots, _aligned_width(cache.max_seq_len), dtype=dtype, device=device
-        )
-        self.cross_bias = torch.zeros(
-            slots, _aligned_width(g.cross_len), dtype=dtype, device=device
-        )
+        self.split_kv = None
+        if device.type == "cuda" if split_kv is None else split_kv:
+            from worker.engine.split_kv import SplitKVAttention  # Triton: CUDA hosts only
+
+            self.split_kv = SplitKVAttention(slots, g.num_heads, g.head_dim, device, dtype)
+        else:  # additive attention biases, rebuilt once per step for all layers
+            self.self_bias = torch.zeros(
+                slots, _aligned_width(cache.max_seq_len), dtype=dtype, device=device
+            )
+            self.cross_bias = torch.zeros(
+                slots, _aligned_width(g.cross_len), dtype=dtype, device=device
+            )
 
     @staticmethod
     def _bias(buffer: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
@@ -74,6 +83,22 @@ class DecodeStep:
         width = buffer.stride(0)
         return buffer.as_strided((rows, 1, span), (width, width, 1))
 
+    def _attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        masking: torch.Tensor,
+        span: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [rows, H, D] against keys/values [rows, S, Hkv, D] -> [rows, H * D]. ``masking`` is
+        the per-row key count (split-KV) or the additive bias [rows, 1, S] (SDPA)."""
+        if self.split_kv is not None:
+            return self.split_kv(q, keys, values, masking, span, scale)
+        keys, values = keys[:, :span].transpose(1, 2), values[:, :span].transpose(1, 2)
+        return gqa_attention(q[:, :, None], keys, values, masking, scale)[:, 0]
+
     def __call__(self, rows: int, length: int) -> torch.Tensor:
         parts, cache, g, kernels = self.parts, self.cache, self.parts.geometry, self.kernels
         positions = cache.positions[:rows]
@@ -81,10 +106,13 @@ class DecodeStep:
         # [rows, 1, D]: broadcast over heads of q [rows, H, D] / k [rows, Hkv, D].
         cos = self.cos[positions][:, None]
         sin = self.sin[positions][:, None]
-        self_bias = self._bias(
-            self.self_bias, cache.key_positions[:length][None, :] <= positions[:, None]
-        )
-        cross_bias = self._bias(self.cross_bias, cache.cross_mask[:rows])
+        if self.split_kv is not None:
+            self_masking, cross_masking = positions + 1, cache.cross_length[:rows]
+        else:
+            self_masking = self._bias(
+                self.self_bias, cache.key_positions[:length][None, :] <= positions[:, None]
+            )
+            cross_masking = self._bias(self.cross_bias, cache.cross_mask[:rows])
         row_gate = cache.row_gate[:rows]
         ones = self.ones[:rows]
 
@@ -103,9 +131,14 @@ class DecodeStep:
                 cross = g.cross_layers.index(layer_index)
                 attn = layer.cross_attn
                 q = attn.q_norm(attn.q_proj(x).view(rows, heads, dim))
-                k = cache.cross_k[cross, :rows].transpose(1, 2)
-                v = cache.cross_v[cross, :rows].transpose(1, 2)
-                out = gqa_attention(q[:, :, None], k, v, cross_bias, attn.scaling)
+                out = self._attention(
+                    q,
+                    cache.cross_k[cross, :rows],
+                    cache.cross_v[cross, :rows],
+                    cross_masking,
+                    g.cross_len,
+                    attn.scaling,
+                )
                 attn_gate = self.attn_gates[layer_index]
                 mlp_gate, mlp_rows = self.mlp_gates[layer_index], row_gate
             else:
@@ -118,12 +151,17 @@ class DecodeStep:
                 q, k, v = kernels.rotate_qkv(qkv, cos, sin, heads, kv_heads)
                 cache.self_k[index].index_put_((slot_rows, positions), k)
                 cache.self_v[index].index_put_((slot_rows, positions), v)
-                keys = cache.self_k[index, :rows, :length].transpose(1, 2)
-                values = cache.self_v[index, :rows, :length].transpose(1, 2)
-                out = gqa_attention(q[:, :, None], keys, values, self_bias, attn.scaling)
+                out = self._attention(
+                    q,
+                    cache.self_k[index, :rows],
+                    cache.self_v[index, :rows],
+                    self_masking,
+                    length,
+                    attn.scaling,
+                )
                 attn_gate, mlp_gate, mlp_rows = self.one, self.one, ones
             hidden, x = kernels.add_rms_norm(
-                hidden, attn.o_proj(out[:, 0]), attn_gate, ones, post.weight, post.variance_epsilon
+                hidden, attn.o_proj(out), attn_gate, ones, post.weight, post.variance_epsilon
             )
             if fused.gate_up is not None:
                 mlp = layer.mlp.down_proj(kernels.silu_and_mul(F.linear(x, fused.gate_up)))

@@ -18,7 +18,7 @@ from worker.engine.graphs import DecodeGraphs, batch_buckets, length_buckets, pi
 from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
 from worker.engine.inputs import PreparedRequest, prepare_request, to_device
 from worker.engine.parts import MllamaParts
-from worker.engine.prefill import PREFILL_ROWS, TextPrefill, cross_masks
+from worker.engine.prefill import PREFILL_ROWS, TextPrefill, cross_masks, visible_tiles
 from worker.engine.sampling import sample
 from worker.engine.slots import SlotCache, plan_capacity
 from worker.model.generation import Generation, GenerationRequest
@@ -75,6 +75,7 @@ class _NewRows:
     first: torch.Tensor  # first tokens
     positions: torch.Tensor
     cross_mask: torch.Tensor
+    cross_length: torch.Tensor
     row_gate: torch.Tensor
     greedy: torch.Tensor
     temperature: torch.Tensor
@@ -531,18 +532,29 @@ class ContinuousEngine:
             any_top_p=any(r.temperature != 0 and r.top_p < 1.0 for r in requests),
         )
         # Decode rows see what the last prompt token saw (HF repeats the last mask row).
-        last_rows = to_device(torch.stack([w.prepared.cross_rows[-1] for w in batch]), device)
+        last_rows = torch.stack([w.prepared.cross_rows[-1] for w in batch])
+        num_patches = self.parts.geometry.num_patches
+        cross_length = visible_tiles(last_rows, unseen).sum(-1, dtype=torch.int32) * num_patches
         cross_mask, row_gate = cross_masks(
-            last_rows, to_device(unseen, device), self.parts.geometry.num_patches, self.parts.dtype
+            to_device(last_rows, device), to_device(unseen, device), num_patches, self.parts.dtype
         )
         positions = to_device(torch.tensor([w.prepared.prompt_tokens for w in batch]), device)
         return _NewRows(
-            slot_index, first, positions, cross_mask, row_gate, greedy, temperature, top_p
+            slot_index,
+            first,
+            positions,
+            cross_mask,
+            to_device(cross_length, device),
+            row_gate,
+            greedy,
+            temperature,
+            top_p,
         )
 
     def _install(self, rows: _NewRows) -> None:
         cache, index = self.cache, rows.slots
         cache.cross_mask[index] = rows.cross_mask
+        cache.cross_length[index] = rows.cross_length
         cache.row_gate[index] = rows.row_gate
         cache.tokens[index] = rows.first
         cache.positions[index] = rows.positions

@@ -30,11 +30,8 @@ PREFILL_WIDTHS = (32, 64, 128, 256, 512)
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def cross_masks(
-    rows: torch.Tensor, unseen: torch.Tensor, num_patches: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The processor's per-token tile rows [..., tiles] as an attention mask [..., tiles*P] and
-    HF's full-text-row gate [..., 1].
+def visible_tiles(rows: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+    """The tiles each token attends to, from the processor's per-token tile rows [..., tiles].
 
     HF quirk kept on purpose: a token that sees no tile (before the image) gets an all-zero
     additive mask, so it attends to every vision token, padding tiles included; only its
@@ -42,9 +39,16 @@ def cross_masks(
     which tiles such a token attends to: all of them as HF does, or the real ones only where
     padding tiles were never encoded.
     """
-    sees_any = rows.any(dim=-1, keepdim=True)
-    visible = torch.where(sees_any, rows, unseen)
-    return visible.repeat_interleave(num_patches, dim=-1), sees_any.to(dtype)
+    return torch.where(rows.any(dim=-1, keepdim=True), rows, unseen)
+
+
+def cross_masks(
+    rows: torch.Tensor, unseen: torch.Tensor, num_patches: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token tile rows [..., tiles] as an attention mask [..., tiles*P] (see
+    :func:`visible_tiles`) and HF's full-text-row gate [..., 1]."""
+    visible = visible_tiles(rows, unseen)
+    return visible.repeat_interleave(num_patches, dim=-1), rows.any(dim=-1, keepdim=True).to(dtype)
 
 
 def prefill_forward(

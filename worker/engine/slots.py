@@ -145,6 +145,8 @@ class SlotCache:
         self.active = torch.zeros(max_slots, dtype=torch.long, device=device)
         # All True on a fresh slot: a fully masked row would give NaN even on padded rows.
         self.cross_mask = torch.ones(max_slots, g.cross_len, dtype=torch.bool, device=device)
+        # The same as a count of vision tokens: a row's visible tiles are always its first ones.
+        self.cross_length = torch.full((max_slots,), g.cross_len, dtype=torch.int32, device=device)
         # HF's full_text_row_masked_out_mask for the decode rows: 0 if the row sees no tile.
         self.row_gate = torch.ones(max_slots, 1, dtype=dtype, device=device)
         self.rows = torch.arange(max_slots, device=device)
@@ -177,7 +179,10 @@ class SlotCache:
         self.self_k[:, dst, :length].copy_(self.self_k[:, src, :length])
         self.self_v[:, dst, :length].copy_(self.self_v[:, src, :length])
         self.copy_cross(src, dst)
-        state = (self.tokens, self.positions, self.active, self.cross_mask, self.row_gate)
+        state = (
+            self.tokens, self.positions, self.active, self.cross_mask, self.cross_length,
+            self.row_gate,
+        )  # fmt: skip
         for buffer in (*state, self.temperature, self.top_p, self.greedy):
             buffer[dst] = buffer[src]
         self.release(src)
