@@ -1,6 +1,8 @@
 """fp8 (e4m3) weights: quantisation, the Linear against a dequantise-then-matmul reference, the
 fused projections, the tiny model through the engine, and the refusals. CPU in CI: torch's CPU
-``_scaled_mm`` takes e4m3 with rowwise scales; the GPU path is checked by ``bench.fp8_check``."""
+``_scaled_mm`` takes e4m3 with rowwise scales. ``VLMQ_TEST_DEVICE=cuda`` runs the tiny model's
+checks on a GPU, through the engine's CUDA graphs and compiled kernels; ``bench.fp8_check``
+times the full-size GEMMs."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_continuous import drain, make_requests
+from test_engine_continuous import DEVICE, drain, make_requests
 from torch import nn
 
 from producer.errors import ConfigurationError
@@ -93,11 +95,11 @@ def test_fused_fp8_linear_equals_the_separate_ones_and_shares_their_weights() ->
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dir: Path):
-    """The tiny model in bf16 and a copy with its language model quantised to fp8 (on the CPU,
-    where ``load_model`` refuses fp8 for users, the quantisation is called directly)."""
+    """The tiny model in bf16 and a copy with its language model quantised to fp8 (the
+    quantisation called directly: ``load_model`` refuses fp8 on the CPU)."""
     from worker.model.loading import load_model
 
-    bf16, processor = load_model(str(tiny_model_dir), precision="bf16", device="cpu")
+    bf16, processor = load_model(str(tiny_model_dir), precision="bf16", device=DEVICE)
     fp8 = copy.deepcopy(bf16)
     quantize_language_model(fp8)
     return bf16, fp8, processor
@@ -119,7 +121,7 @@ def test_fp8_logits_close_to_bf16(models) -> None:
         text=[prompt_text(processor, request.question)],
         add_special_tokens=False,
         return_tensors="pt",
-    )
+    ).to(DEVICE)
     with torch.inference_mode():
         a, b = bf16(**inputs).logits.float()[0], fp8(**inputs).logits.float()[0]
     rel = ((a - b).norm(dim=-1) / a.norm(dim=-1)).max().item()
@@ -155,7 +157,7 @@ def hf_greedy(model, processor, request) -> list[int]:
         text=[prompt_text(processor, request.question)],
         add_special_tokens=False,
         return_tensors="pt",
-    )
+    ).to(model.device)
     eos = model.generation_config.eos_token_id
     with torch.inference_mode():
         out = model.generate(
