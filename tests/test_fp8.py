@@ -183,6 +183,7 @@ def test_fp8_is_refused_off_cuda(tiny_model_dir: Path) -> None:
 
 
 def test_fp8_is_refused_on_cards_without_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(ConfigurationError, match=r"A100 has 8\.0: use precision 'bf16'"):

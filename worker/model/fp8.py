@@ -114,10 +114,10 @@ def quantize_language_model(model: nn.Module) -> int:
 
 def check_fp8_device(device: str) -> None:
     """ConfigurationError, saying what to use instead, unless ``device`` has fp8 tensor cores."""
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         raise ConfigurationError(
-            f"Precision 'fp8' needs a CUDA GPU with fp8 tensor cores (Ada or Hopper), got "
-            f"{device!r}: set a CUDA device, or use precision 'bf16' or 'fp32' on the CPU."
+            f"Precision 'fp8' needs a CUDA GPU with fp8 tensor cores (Ada or Hopper); {device!r} "
+            "is none here: set a CUDA device, or use precision 'bf16' or 'fp32' on the CPU."
         )
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
