@@ -4,8 +4,8 @@
    and :class:`~worker.model.fp8.Fp8Linear` (activation quantisation included) at 1-128 rows,
    each replayed from a CUDA graph as the engine runs them, cycling through enough weight
    copies that none is served from L2. Also their relative error against bf16 and against a
-   dequantise-then-matmul reference (the kernel's own check), and the CUDA kernels one fp8
-   call launches.
+   dequantise-then-matmul reference (the kernel's own check), the activation quantisation's
+   own time, and the CUDA kernels one fp8 call launches.
 2. Quality: the random 11B (the bench's model) greedily decodes ``--steps`` tokens for an image
    question in bf16; then bf16 and fp8 (quantised in place, as ``load_model`` does) each score
    that sequence in one forward: relative logits error and top-1 agreement per decode step.
@@ -112,6 +112,8 @@ def gemm_table(device: str) -> list[dict]:
                         [lambda x=x, w=lin.weight: F.linear(x, w) for lin in linears]
                     )
                     entry["fp8_us"] = graph_us([lambda x=x, f=f: f(x) for f in fp8s])
+                    # The activation quantisation alone: what fusing it upstream would save.
+                    entry["quant_us"] = graph_us([lambda x=x, f=fp8s[0]: f.quantize(x)[0]])
                     exact, out = linears[0](x), fp8s[0](x)
                     q, scale = quantize_rows(x)
                     reference = (q.float() * scale) @ fp8s[0].dequantized().t()
@@ -189,14 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{results['device']}, torch {results['torch']}; us per call, CUDA-graph replay")
     print(f"{'rows':>5} {'shape':>8} {'bf16 us':>9} {'fp8 us':>9} {'ratio':>6} "
-          f"{'err/bf16':>9} {'err/deq':>9}")  # fmt: skip
+          f"{'quant us':>9} {'err/bf16':>9} {'err/deq':>9}")  # fmt: skip
     for e in results["gemms"]:
         if "error" in e:
             print(f"{e['rows']:>5} {e['shape']:>8}  failed: {e['error'][:200]}")
             continue
         print(
             f"{e['rows']:>5} {e['shape']:>8} {e['bf16_us']:>9.1f} {e['fp8_us']:>9.1f} "
-            f"{e['ratio']:>6.2f} {e['rel_err_vs_bf16']:>9.4f} {e['rel_err_vs_dequantized']:>9.5f}"
+            f"{e['ratio']:>6.2f} {e['quant_us']:>9.1f} {e['rel_err_vs_bf16']:>9.4f} "
+            f"{e['rel_err_vs_dequantized']:>9.5f}"
         )
     print(f"CUDA kernels per fp8 Linear call (qkv, 16 rows): {results['kernels_per_fp8_call']}")
     if args.steps:
