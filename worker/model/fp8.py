@@ -57,7 +57,6 @@ class Fp8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
-        self.quantize = row_quantizer(weight.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
@@ -73,7 +72,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        q, scale = self.quantize(rows)
+        q, scale = row_quantizer(rows.device)(rows)
         # weight.t() of a row-major [out, in] is the column-major [in, out] _scaled_mm wants.
         out = torch._scaled_mm(
             q, self.weight.t(), scale_a=scale, scale_b=self.scale, out_dtype=torch.bfloat16
