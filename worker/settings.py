@@ -39,7 +39,7 @@ def check_precision(precision: str, name: str) -> str:
     if precision in REMOVED_PRECISIONS:
         raise ConfigurationError(
             f"{name}={precision} was removed: {REMOVED_PRECISIONS[precision]}. Use bf16, or nf4 "
-            f"for a smaller memory footprint, fp8 on Ada/Hopper GPUs "
+            f"for a smaller memory footprint, or fp8 on Ada/Hopper GPUs "
             f"(one of {', '.join(PRECISIONS)})"
         )
     if precision not in PRECISIONS:
