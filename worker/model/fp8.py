@@ -10,12 +10,15 @@ forward syncs with the host or branches on values, so it runs inside the engine'
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from producer.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -36,15 +39,24 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _compiled_quantize_rows() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    return torch.compile(quantize_rows, dynamic=True)
+def _compiled_quantize_rows(
+    device: torch.device,
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    compiled = torch.compile(quantize_rows, dynamic=True)
+    try:  # a probe compiles it now, so a missing compiler shows at once
+        compiled(torch.ones(2, 16, dtype=torch.bfloat16, device=device))
+    except Exception as exc:  # any compiler failure means: quantise eagerly
+        logger.warning("fp8 activations are quantised by eager ops: compiling failed: %s", exc)
+        return quantize_rows
+    return compiled
 
 
 def row_quantizer(
     device: torch.device,
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`quantize_rows` compiled into one kernel on CUDA, as written elsewhere."""
-    return _compiled_quantize_rows() if device.type == "cuda" else quantize_rows
+    """:func:`quantize_rows` compiled into one kernel on CUDA (eager ops where compiling
+    fails, with the reason logged), as written elsewhere."""
+    return _compiled_quantize_rows(device) if device.type == "cuda" else quantize_rows
 
 
 class Fp8Linear(nn.Module):
@@ -108,6 +120,7 @@ def quantize_language_model(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
+        row_quantizer(parent.get_submodule(child).weight.device)  # compiled at load, not mid-run
     return len(targets)
 
 
