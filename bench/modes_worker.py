@@ -82,11 +82,11 @@ def mode_cb(bench: Bench, key: str) -> None:
 
 
 def mode_quant(bench: Bench, key: str) -> None:
-    """nf4: the saved model loaded quantized, as the worker loads it, served by the
+    """nf4, fp8: the saved model loaded quantized, as the worker loads it, served by the
     executor the worker builds for that precision."""
     mode = bench.start_mode(key, key)
     if not bench.args.device.startswith("cuda"):
-        raise SkipMode("quantized weights need a CUDA GPU (bitsandbytes)")
+        raise SkipMode("quantized weights need a CUDA GPU")
     if bench.model_dir is None:
         raise SkipMode("no saved model to load")
     stop_at = bench.mode_stop_at(key)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.report import MODE_LABELS, MODE_ORDER
 
-COLORS = {"a": "C0", "b": "C1", "c": "C2", "d": "C3", "nf4": "C4", "cb": "C6"}
+COLORS = {"a": "C0", "b": "C1", "c": "C2", "d": "C3", "nf4": "C4", "fp8": "C5", "cb": "C6"}
 
 
 def plot_all(json_path: Path) -> list[Path]:

@@ -26,7 +26,9 @@ from bench.gpu_sampler import GpuSampler
 from bench.progress import log, set_log_file
 from bench.state import SAVED_MODES, Bench
 from bench.workload import ANSWER_MAX, Workload, mean_answer_tokens, scaled_length
+from producer.errors import ConfigurationError
 from producer.protocol import Limits
+from worker.model.fp8 import check_fp8_device
 from worker.settings import QUANTIZED
 
 
@@ -146,7 +148,12 @@ def preflight(bench: Bench) -> None:
             continue
         missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
         if not on_cuda:
-            bench.skips[key] = "quantized weights need a CUDA GPU (bitsandbytes)"
+            bench.skips[key] = "quantized weights need a CUDA GPU"
+        elif key == "fp8":
+            try:
+                check_fp8_device(a.device)
+            except ConfigurationError as exc:
+                bench.skips[key] = str(exc)
         elif missing:
             bench.skips[key] = (
                 f"{' and '.join(missing)} not installed (transformers loads bitsandbytes "

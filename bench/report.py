@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-MODE_ORDER = ["a", "b", "cb", "c", "d", "d2", "nf4"]
+MODE_ORDER = ["a", "b", "cb", "c", "d", "d2", "nf4", "fp8"]
 MODE_LABELS = {
     "a": "(a) generate, one at a time",
     "b": "(b) generate, static batches",
@@ -19,6 +19,7 @@ MODE_LABELS = {
     "d": "(d) producer -> Redis -> Celery worker",
     "d2": "(d2) producer -> Redis -> 2 Celery workers, one per GPU",
     "nf4": "(c) worker default executor, nf4 weights",
+    "fp8": "(c) worker default executor, fp8 weights",
 }
 GIB = 1024**3
 #: The issue-4 goals (decode step at batch 1: on an H100).

@@ -2,13 +2,13 @@
 
 Order: bandwidth, model build (on the GPU), (a), (b), (c), (cb) on the in-process model; then
 the model is saved (for ``from_pretrained``) and freed; then (d) with a worker process, then the
-nf4 load through the project's ``load_model``. The results JSON is rewritten after
+nf4 and fp8 loads through the project's ``load_model``. The results JSON is rewritten after
 every mode, so a crash or a kill keeps what was measured. Sizes come from flags and are cut
 to each mode's time budget using the step times measured on the way. Every mode runs each
 batch shape it times once, untimed, first (its cold cost is reported apart).
 
 The pieces, top down: this file (flags, order); ``preparation`` (device, workload, preflight);
-``modes_generate`` (a, b), ``modes_worker`` (c, cb, nf4), ``modes_system`` (d, d2);
+``modes_generate`` (a, b), ``modes_worker`` (c, cb, nf4, fp8), ``modes_system`` (d, d2);
 ``models`` (the in-process model); ``drive`` and ``targets`` (the worker's loop and factory
 as the modes run them); ``state`` (the run's shared state); ``report`` and ``tables``.
 """
@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="vlmq GPU benchmark: modes a (generate, batch 1), b (static batches), "
         "c (the worker's continuous engine in process), cb (the worker's batch executor in "
-        "process), d (producer -> Redis -> Celery worker), nf4 (the worker's default "
-        "executor on quantized weights); d2 (as d, one worker per GPU on two GPUs) only when "
-        "named.",
+        "process), d (producer -> Redis -> Celery worker), nf4 and fp8 (the worker's "
+        "default executor on quantized weights); d2 (as d, one worker per GPU on two GPUs) "
+        "only when named.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few requests (CI)")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir",
         type=Path,
-        help="where the model is saved for (d), nf4 (default: /dev/shm/vlmq-bench-<model> "
+        help="where the model is saved for (d), nf4, fp8 (default: /dev/shm/vlmq-bench-<model> "
         "if that has room, else /tmp/vlmq-bench-<model>; reused when already there)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-scale", type=float, help="answer lengths x this (default 0.25)")
     p.add_argument("--requests-a", type=int, help="requests for (a) (default 4)")
     p.add_argument("--batches", type=int, help="closed-loop batches for b, c, d (default 2)")
-    p.add_argument("--requests-quant", type=int, help="requests for nf4 (default: a batch)")
+    p.add_argument("--requests-quant", type=int, help="requests for nf4, fp8 (default: a batch)")
     p.add_argument(
         "--max-batch", type=int, help="batch size of b, cb; slots of c, d (default: largest fit)"
     )

@@ -187,7 +187,7 @@ def generate_target(
 
 def worker_target(model: Any, processor: Any, settings: WorkerSettings, label: str) -> Target:
     """The executor the worker builds from ``settings`` over this loaded model: the batch
-    executor with ``engine="batch"`` (cb), else the continuous engine (c, nf4). Not warmed up:
+    executor with ``engine="batch"`` (cb), else the continuous engine (c, nf4, fp8). Not warmed up:
     the modes time that. Raises what the factory raises (too many slots for the memory, a
     model it cannot run)."""
     images, reader = _reader(settings.limits)

@@ -32,7 +32,7 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
             "bench",
             "--smoke",
             "--modes",
-            "a,b,cb,c,d,nf4,d2",
+            "a,b,cb,c,d,nf4,fp8,d2",
             "--out",
             str(tmp_path),
             "--name",
@@ -67,6 +67,7 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
                 # Forced lengths: every answer, the engine's included, has exactly its length.
                 assert record["answer_tokens"] == record["expected_tokens"], (key, record)
     assert results["modes"]["nf4"]["status"] == "skipped"
+    assert results["modes"]["fp8"]["status"] == "skipped"
 
     c, d = results["modes"]["c"], results["modes"]["d"]
     # (c) is the worker's default engine, streaming: requests joined while others decoded.

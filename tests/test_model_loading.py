@@ -30,7 +30,7 @@ def test_bf16_casts_the_weights(tiny_model_dir: Path) -> None:
     assert model.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("precision", ["fp8", "BF16", ""])
+@pytest.mark.parametrize("precision", ["fp4", "BF16", ""])
 def test_unknown_precision_is_refused(tiny_model_dir: Path, precision: str) -> None:
     with pytest.raises(ConfigurationError, match="precision"):
         load_model(str(tiny_model_dir), precision=precision, device="cpu")

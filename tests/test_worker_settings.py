@@ -50,7 +50,7 @@ def test_values_are_parsed():
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({"VLMQ_PRECISION": "fp8"}, "VLMQ_PRECISION"),
+        ({"VLMQ_PRECISION": "fp4"}, "VLMQ_PRECISION"),
         ({"VLMQ_ATTN": "flash"}, "VLMQ_ATTN"),
         ({"VLMQ_DEVICE": "tpu"}, "VLMQ_DEVICE"),
         ({"VLMQ_ENGINE": "vllm"}, "VLMQ_ENGINE"),

@@ -8,9 +8,10 @@ from producer.config import env_int
 from producer.errors import ConfigurationError
 from producer.protocol import Limits, served_model_id
 
-#: Weights in that dtype, or the language model quantized by bitsandbytes (CUDA only).
+#: Weights in that dtype, or the language model quantized (CUDA only): nf4 by bitsandbytes,
+#: fp8 (e4m3, per-channel scales) at load from bf16 weights, for GPUs with fp8 tensor cores.
 DTYPE_PRECISIONS = ("bf16", "fp16", "fp32")
-QUANTIZED = ("nf4",)
+QUANTIZED = ("nf4", "fp8")
 PRECISIONS = (*DTYPE_PRECISIONS, *QUANTIZED)
 #: Precisions vlmq served once, and why they went; asking for one is refused with the reason.
 REMOVED_PRECISIONS = {
@@ -38,7 +39,8 @@ def check_precision(precision: str, name: str) -> str:
     if precision in REMOVED_PRECISIONS:
         raise ConfigurationError(
             f"{name}={precision} was removed: {REMOVED_PRECISIONS[precision]}. Use bf16, or nf4 "
-            f"for a smaller memory footprint (one of {', '.join(PRECISIONS)})"
+            f"for a smaller memory footprint, or fp8 on Ada/Hopper GPUs "
+            f"(one of {', '.join(PRECISIONS)})"
         )
     if precision not in PRECISIONS:
         raise ConfigurationError(f"{name}={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -50,7 +52,7 @@ class WorkerSettings:
     """What the GPU worker serves and how it batches.
 
     Environment variables (all prefixed ``VLMQ_``): ``MODEL`` (local directory or hub
-    id, required), ``PRECISION`` (bf16, fp16, fp32, nf4), ``ATTN`` (sdpa, eager,
+    id, required), ``PRECISION`` (bf16, fp16, fp32, nf4, fp8), ``ATTN`` (sdpa, eager,
     flash_attention_2), ``DEVICE`` (cuda, cpu), ``ENGINE`` (continuous: iteration-level
     batching over slots with CUDA-graph decode; batch: one transformers ``generate`` per
     batch), ``MAX_BATCH_SIZE`` (requests computed together: the engine's slots),
@@ -114,8 +116,9 @@ class WorkerSettings:
         precision = check_precision(_value(env, "VLMQ_PRECISION", "bf16"), "VLMQ_PRECISION")
         device = _choice(env, "VLMQ_DEVICE", "cuda", DEVICES)
         if precision in QUANTIZED and device != "cuda":
+            needs = "bitsandbytes on a GPU" if precision == "nf4" else "a GPU with fp8 tensor cores"
             raise ConfigurationError(
-                f"VLMQ_PRECISION={precision} needs bitsandbytes on a GPU; "
+                f"VLMQ_PRECISION={precision} needs {needs}; "
                 "use VLMQ_DEVICE=cuda or VLMQ_PRECISION=bf16/fp32"
             )
         warmup = env.get("VLMQ_WARMUP", "1").strip().lower()

@@ -18,20 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.attention import apply_rope
+from worker.model.fp8 import Fp8Linear, concat_fp8
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FusedLayer:
-    """One decoder layer's fused weights; ``qkv`` is None for cross-attention layers."""
+    """One decoder layer's fused projections; ``qkv`` is None for cross-attention layers.
 
-    qkv: torch.Tensor | None  # [(H + 2 Hkv) * D, hidden]
-    gate_up: torch.Tensor | None  # [2 * intermediate, hidden]
+    Each is a bias-free Linear: an ``nn.Linear`` over the concatenated bf16 weights, or an
+    :class:`~worker.model.fp8.Fp8Linear` over the concatenated e4m3 weights and scales.
+    """
+
+    qkv: nn.Module | None  # out (H + 2 Hkv) * D
+    gate_up: nn.Module | None  # out 2 * intermediate
 
 
-def _plain(*modules: nn.Module) -> bool:
-    # Quantized Linear subclasses (bitsandbytes) pack their weights: nothing to concatenate.
+def _fusable(*modules: nn.Module) -> bool:
+    # bitsandbytes' Linear subclasses pack their weights: nothing to concatenate.
+    kind = type(modules[0])
+    if kind is Fp8Linear:
+        return all(type(m) is kind for m in modules)
     return all(type(m) is nn.Linear and m.bias is None for m in modules)
 
 
@@ -46,15 +54,26 @@ def concat_linears(*linears: nn.Linear) -> torch.Tensor:
     return fused
 
 
+def fuse_linears(*linears: nn.Module) -> nn.Module:
+    """One bias-free Linear computing ``linears`` side by side, sharing their weights."""
+    if type(linears[0]) is Fp8Linear:
+        return concat_fp8(*linears)
+    weight = concat_linears(*linears)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
 def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[FusedLayer] | None:
-    """Fuse every layer's projections in place, or return None if any is not a plain Linear."""
+    """Fuse every layer's projections in place, or return None if any cannot be (quantized
+    Linears other than fp8, or mixed kinds)."""
     mlps = [(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers]
     attns = [
         (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         for i, layer in enumerate(layers)
         if i not in cross_layers
     ]
-    if not all(_plain(*group) for group in (*mlps, *attns)):
+    if not all(_fusable(*group) for group in (*mlps, *attns)):
         return None
     probe = torch.linspace(-4.0, 4.0, 17)
     if not all(torch.allclose(layer.mlp.act_fn(probe), F.silu(probe)) for layer in layers):
@@ -64,8 +83,8 @@ def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[
         qkv = None
         if i not in cross_layers:
             attn = layer.self_attn
-            qkv = concat_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up = concat_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
+            qkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up = fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
         fused.append(FusedLayer(qkv=qkv, gate_up=gate_up))
     return fused
 

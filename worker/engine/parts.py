@@ -72,7 +72,7 @@ class MllamaParts:
             max_tiles=vision_config.max_num_tiles,
             max_position_embeddings=text_config.max_position_embeddings,
         )
-        # Decode-path weights fused in place (None entries: quantized, left as they are).
+        # Decode-path weights fused in place (None entries: bitsandbytes weights, left as they are).
         fused = fuse_layers(self.layers, self.geometry.cross_layers)
         self.fused: list[FusedLayer] = fused or [
             FusedLayer(qkv=None, gate_up=None) for _ in self.layers

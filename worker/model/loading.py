@@ -15,7 +15,8 @@ from transformers import (
 )
 
 from producer.errors import ConfigurationError
-from worker.settings import DTYPE_PRECISIONS, QUANTIZED, check_precision
+from worker.model.fp8 import check_fp8_device, quantize_language_model
+from worker.settings import DTYPE_PRECISIONS, check_precision
 
 DTYPES = dict(zip(DTYPE_PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 
@@ -47,7 +48,9 @@ def _check_settings(precision: str, attn_implementation: str, device: str) -> No
             f"Device {device!r} was asked for but CUDA is not available here: "
             "run on a machine with a GPU, or set the device to 'cpu'."
         )
-    if precision in QUANTIZED:
+    if precision == "fp8":
+        check_fp8_device(device)
+    if precision == "nf4":
         if not on_cuda:
             raise ConfigurationError(
                 f"Precision {precision!r} (bitsandbytes) needs a CUDA device, got {device!r}: "
@@ -97,14 +100,16 @@ def load_model(
 ) -> tuple[MllamaForConditionalGeneration, ProcessorMixin]:
     """Load an Mllama model (local directory or hub id) and its processor, ready for inference.
 
-    ``precision`` is one of bf16, fp16, fp32 (weights in that dtype) or nf4 (the language model
-    quantized by bitsandbytes, the rest in bf16; CUDA only). The model is put on
-    ``device`` in eval mode; the processor pads on the left, as batched generation needs.
+    ``precision`` is one of bf16, fp16, fp32 (weights in that dtype), nf4 (the language model
+    quantized by bitsandbytes, the rest in bf16; CUDA only) or fp8 (loaded in bf16, then the
+    language model's Linears quantized to e4m3 by :mod:`worker.model.fp8`; fp8 GPUs only).
+    The model is put on ``device`` in eval mode; the processor pads on the left, as batched
+    generation needs.
     Raises ConfigurationError, saying how to fix it, for settings that cannot work here.
     """
     _check_settings(precision, attn_implementation, device)
     _check_model_path(model_id)
-    if precision in QUANTIZED:
+    if precision == "nf4":
         model = MllamaForConditionalGeneration.from_pretrained(
             model_id,
             dtype=torch.bfloat16,
@@ -113,9 +118,12 @@ def load_model(
             device_map={"": device},
         )
     else:
+        dtype = torch.bfloat16 if precision == "fp8" else DTYPES[precision]
         model = MllamaForConditionalGeneration.from_pretrained(
-            model_id, dtype=DTYPES[precision], attn_implementation=attn_implementation
+            model_id, dtype=dtype, attn_implementation=attn_implementation
         ).to(device)
+        if precision == "fp8":
+            quantize_language_model(model)
     model.eval()
 
     processor = AutoProcessor.from_pretrained(model_id)

@@ -1,0 +1,141 @@
+"""fp8 (e4m3) weights with per-output-channel scales, quantised at load from bf16 weights.
+
+:class:`Fp8Linear` replaces the language model's ``nn.Linear`` layers; its forward quantises
+each activation row with a scale of its own and runs one tensor-core GEMM, ``torch._scaled_mm``
+with rowwise scales (fp32 ``[rows, 1]`` for the activation, ``[1, out]`` for the weight). On
+CUDA the activation quantisation (amax, scale, cast) is one compiled kernel. Nothing in the
+forward syncs with the host or branches on values, so it runs inside the engine's CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from producer.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+#: Modules left in bf16: the vision side, and lm_head (as nf4 leaves them).
+SKIP_MODULES = ("model.vision_model", "model.multi_modal_projector", "lm_head")
+#: fp8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
+MIN_CAPABILITY = (8, 9)
+# A zero row would give a zero scale and 0/0 in the cast.
+_MIN_AMAX = 1e-12
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [rows, k] as e4m3 with one fp32 scale per row [rows, 1]: ``x ~= q * scale``."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_AMAX)
+    scale = amax / FP8_MAX
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+@functools.cache
+def _compiled_quantize_rows(
+    device: torch.device,
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    compiled = torch.compile(quantize_rows, dynamic=True)
+    try:  # a probe compiles it now, so a missing compiler shows at once
+        compiled(torch.ones(2, 16, dtype=torch.bfloat16, device=device))
+    except Exception as exc:  # any compiler failure means: quantise eagerly
+        logger.warning("fp8 activations are quantised by eager ops: compiling failed: %s", exc)
+        return quantize_rows
+    return compiled
+
+
+def row_quantizer(
+    device: torch.device,
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`quantize_rows` compiled into one kernel on CUDA (eager ops where compiling
+    fails, with the reason logged), as written elsewhere."""
+    return _compiled_quantize_rows(device) if device.type == "cuda" else quantize_rows
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free Linear with e4m3 weights [out, in] and fp32 scales [1, out]; bf16 out."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        if weight.dtype != FP8 or scale.shape != (1, weight.shape[0]):
+            raise ValueError("Fp8Linear takes an e4m3 weight [out, in] and its scale [1, out]")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        """``linear``'s weight quantised with one scale per output channel."""
+        if linear.bias is not None:
+            raise ValueError("Fp8Linear has no bias; Mllama's language model Linears have none")
+        weight, scale = quantize_rows(linear.weight.detach())
+        return cls(weight, scale.t().contiguous())
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as fp32 [out, in], for references and tests."""
+        return self.weight.float() * self.scale.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        q, scale = row_quantizer(rows.device)(rows)
+        # weight.t() of a row-major [out, in] is the column-major [in, out] _scaled_mm wants.
+        out = torch._scaled_mm(
+            q, self.weight.t(), scale_a=scale, scale_b=self.scale, out_dtype=torch.bfloat16
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"
+
+
+def concat_fp8(*linears: Fp8Linear) -> Fp8Linear:
+    """One Fp8Linear computing ``linears`` side by side; each is re-pointed at its rows of the
+    fused weight and scale, so nothing is stored twice."""
+    weight = torch.cat([lin.weight for lin in linears])
+    scale = torch.cat([lin.scale for lin in linears], dim=1)
+    start = 0
+    for lin in linears:
+        end = start + lin.out_features
+        lin.weight, lin.scale = weight[start:end], scale[:, start:end]
+        start = end
+    return Fp8Linear(weight, scale)
+
+
+def quantize_language_model(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` outside :data:`SKIP_MODULES` by an
+    :class:`Fp8Linear`, in place, freeing each bf16 weight as it goes; returns how many."""
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not name.startswith(SKIP_MODULES)
+    ]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
+        row_quantizer(parent.get_submodule(child).weight.device)  # compiled at load, not mid-run
+    return len(targets)
+
+
+def check_fp8_device(device: str) -> None:
+    """ConfigurationError, saying what to use instead, unless ``device`` has fp8 tensor cores."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"Precision 'fp8' needs a CUDA GPU with fp8 tensor cores (Ada or Hopper); {device!r} "
+            "is none here: set a CUDA device, or use precision 'bf16' or 'fp32' on the CPU."
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ConfigurationError(
+            f"Precision 'fp8' needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+            f"{name} has {capability[0]}.{capability[1]}: use precision 'bf16', or 'nf4' for "
+            "a smaller memory footprint."
+        )
