@@ -1,0 +1,71 @@
+"""Launch configs of the NF4 kernels, per weight shape and row count.
+
+``TUNED`` is filled from ``python -m bench.nf4_check`` (it prints the table to paste here);
+shapes and row counts it does not cover get :func:`default_config`'s untuned guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# Enough programs to keep every SM of an H100 (132) or H200 busy at two per SM.
+TARGET_PROGRAMS = 264
+
+
+@dataclass(frozen=True)
+class Nf4Config:
+    """One launch: ``gemv`` (broadcast-and-sum, any rows) or ``mma`` (``tl.dot`` tiles of
+    ``block_m`` rows); K split over ``split_k`` programs whose fp32 partials are summed."""
+
+    kind: Literal["gemv", "mma"]
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    block_m: int = 16
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def fits(self, in_features: int, blocksize: int) -> bool:
+        """Whether each split of K is whole steps of ``block_k``, each whole absmax blocks."""
+        span, rest = divmod(in_features, self.split_k)
+        return not rest and self.block_k % blocksize == 0 and span % self.block_k == 0
+
+
+#: (out_features, in_features) -> ((most rows, config), ...) ascending by rows.
+TUNED: dict[tuple[int, int], tuple[tuple[int, Nf4Config], ...]] = {}
+
+
+def _split_for(tiles: int, in_features: int, block_k: int) -> int:
+    split = 1
+    while tiles * split < TARGET_PROGRAMS and in_features % (2 * split * block_k) == 0:
+        split *= 2
+    return split
+
+
+def default_config(rows: int, out_features: int, in_features: int) -> Nf4Config:
+    """An untuned config: GEMV up to 8 rows, tensor-core tiles beyond, K split while the
+    output tiles alone would leave SMs idle."""
+    if rows <= 8:
+        block_n, block_k = 32, 128
+        tiles = -(-out_features // block_n)
+        return Nf4Config("gemv", block_n, block_k, _split_for(tiles, in_features, block_k))
+    if rows > 64:
+        return Nf4Config("mma", 128, 64, block_m=128, num_warps=8)
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    block_n, block_k = 64, 128
+    tiles = -(-rows // block_m) * -(-out_features // block_n)
+    split = _split_for(tiles, in_features, block_k)
+    return Nf4Config("mma", block_n, block_k, split, block_m=block_m, num_stages=4)
+
+
+def config_for(rows: int, out_features: int, in_features: int, blocksize: int) -> Nf4Config:
+    """The tuned config for this shape and row count, else the default, else (where neither
+    fits the blocksize) one step of one absmax block."""
+    for most, config in TUNED.get((out_features, in_features), ()):
+        if rows <= most and config.fits(in_features, blocksize):
+            return config
+    config = default_config(rows, out_features, in_features)
+    if config.fits(in_features, blocksize):
+        return config
+    return Nf4Config(config.kind, config.block_n, blocksize, block_m=config.block_m)
