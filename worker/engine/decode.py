@@ -8,7 +8,6 @@ buffers with Python ints fixed per (rows, length) bucket, so it can be captured 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from worker.engine.attention import gqa_attention
 from worker.engine.fused import EAGER_KERNELS, PointwiseKernels, compiled_kernels, rms_norm
@@ -112,7 +111,7 @@ class DecodeStep:
                 index = g.self_layers.index(layer_index)
                 attn = layer.self_attn
                 if fused.qkv is not None:
-                    qkv = F.linear(x, fused.qkv)
+                    qkv = fused.qkv(x)
                 else:
                     qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
                 q, k, v = kernels.rotate_qkv(qkv, cos, sin, heads, kv_heads)
@@ -126,7 +125,7 @@ class DecodeStep:
                 hidden, attn.o_proj(out[:, 0]), attn_gate, ones, post.weight, post.variance_epsilon
             )
             if fused.gate_up is not None:
-                mlp = layer.mlp.down_proj(kernels.silu_and_mul(F.linear(x, fused.gate_up)))
+                mlp = layer.mlp.down_proj(kernels.silu_and_mul(fused.gate_up(x)))
             else:
                 mlp = layer.mlp(x)
             hidden, x = kernels.add_rms_norm(

@@ -2,7 +2,8 @@
 
 A decode step at small batch is bound by kernel count as much as by weight bytes: each of the
 40 layers ran ~45 kernels. Concatenating q/k/v and gate/up weights turns five GEMVs into two;
-the HF modules keep working on views of the fused tensors, so no weight is stored twice. The
+the HF modules keep working on views of the fused tensors, so no weight is stored twice. Plain
+Linears fuse into one Linear, the engine's NF4 Linears (``nf4.py``) into one NF4 Linear. The
 pointwise work between the GEMMs (residual add + RMSNorm, rotary, SiLU-and-multiply) is written
 as plain functions that :func:`pointwise_kernels` compiles into one Triton kernel each on CUDA.
 """
@@ -18,21 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.attention import apply_rope
+from worker.engine.nf4 import Nf4Linear, concat_nf4
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FusedLayer:
-    """One decoder layer's fused weights; ``qkv`` is None for cross-attention layers."""
+    """One decoder layer's fused projections; ``qkv`` is None for cross-attention layers."""
 
-    qkv: torch.Tensor | None  # [(H + 2 Hkv) * D, hidden]
-    gate_up: torch.Tensor | None  # [2 * intermediate, hidden]
+    qkv: nn.Module | None  # hidden -> (H + 2 Hkv) * D
+    gate_up: nn.Module | None  # hidden -> 2 * intermediate
 
 
-def _plain(*modules: nn.Module) -> bool:
-    # Quantized Linear subclasses (bitsandbytes) pack their weights: nothing to concatenate.
-    return all(type(m) is nn.Linear and m.bias is None for m in modules)
+def _fusable(*modules: nn.Module) -> bool:
+    # bitsandbytes' own Linear subclasses pack their weights in ways not concatenated here.
+    plain = all(type(m) is nn.Linear and m.bias is None for m in modules)
+    return plain or all(isinstance(m, Nf4Linear) for m in modules)
 
 
 def concat_linears(*linears: nn.Linear) -> torch.Tensor:
@@ -46,15 +49,27 @@ def concat_linears(*linears: nn.Linear) -> torch.Tensor:
     return fused
 
 
+def fuse_linears(*linears: nn.Module) -> nn.Module:
+    """One module computing the linears' outputs concatenated; each keeps working on a view
+    of the fused weight. All plain bias-free ``nn.Linear`` or all :class:`Nf4Linear`."""
+    if all(isinstance(lin, Nf4Linear) for lin in linears):
+        return concat_nf4(*linears)
+    weight = concat_linears(*linears)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
 def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[FusedLayer] | None:
-    """Fuse every layer's projections in place, or return None if any is not a plain Linear."""
+    """Fuse every layer's projections in place, or return None if any is neither a plain
+    Linear nor an NF4 one, or the layers mix the two."""
     mlps = [(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers]
     attns = [
         (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         for i, layer in enumerate(layers)
         if i not in cross_layers
     ]
-    if not all(_plain(*group) for group in (*mlps, *attns)):
+    if not _fusable(*(m for group in (*mlps, *attns) for m in group)):
         return None
     probe = torch.linspace(-4.0, 4.0, 17)
     if not all(torch.allclose(layer.mlp.act_fn(probe), F.silu(probe)) for layer in layers):
@@ -64,8 +79,8 @@ def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[
         qkv = None
         if i not in cross_layers:
             attn = layer.self_attn
-            qkv = concat_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-        gate_up = concat_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
+            qkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up = fuse_linears(layer.mlp.gate_proj, layer.mlp.up_proj)
         fused.append(FusedLayer(qkv=qkv, gate_up=gate_up))
     return fused
 
