@@ -36,9 +36,16 @@ class Nf4Config:
 TUNED: dict[tuple[int, int], tuple[tuple[int, Nf4Config], ...]] = {}
 
 
-def _split_for(tiles: int, in_features: int, block_k: int) -> int:
+def split_for(tiles: int, rows: int, in_features: int, block_k: int) -> int:
+    """How many ways to split K so ``tiles`` output tiles make about TARGET_PROGRAMS programs,
+    while the fp32 partials (8 bytes an output per split: written, read) stay within a quarter
+    of the NF4 weight's bytes (in / 2 per output feature)."""
     split = 1
-    while tiles * split < TARGET_PROGRAMS and in_features % (2 * split * block_k) == 0:
+    while (
+        tiles * split * 2 <= TARGET_PROGRAMS
+        and 2 * split * rows * 8 * 4 <= in_features // 2
+        and in_features % (2 * split * block_k) == 0
+    ):
         split *= 2
     return split
 
@@ -49,14 +56,17 @@ def default_config(rows: int, out_features: int, in_features: int) -> Nf4Config:
     if rows <= 8:
         block_n, block_k = 32, 128
         tiles = -(-out_features // block_n)
-        return Nf4Config("gemv", block_n, block_k, _split_for(tiles, in_features, block_k))
+        return Nf4Config("gemv", block_n, block_k, split_for(tiles, rows, in_features, block_k))
     if rows > 64:
-        return Nf4Config("mma", 128, 64, block_m=128, num_warps=8)
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    block_n, block_k = 64, 128
+        block_m, block_n, block_k, warps = 128, 128, 64, 8
+    else:
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        block_n, block_k, warps = 64, 128, 4
     tiles = -(-rows // block_m) * -(-out_features // block_n)
-    split = _split_for(tiles, in_features, block_k)
-    return Nf4Config("mma", block_n, block_k, split, block_m=block_m, num_stages=4)
+    split = split_for(tiles, rows, in_features, block_k)
+    return Nf4Config(
+        "mma", block_n, block_k, split, block_m, warps, num_stages=4 if warps == 4 else 3
+    )
 
 
 def config_for(rows: int, out_features: int, in_features: int, blocksize: int) -> Nf4Config:

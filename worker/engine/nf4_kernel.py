@@ -33,7 +33,7 @@ def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BN, BK, BS
     return tl.reshape(scaled, [BN, BK])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compilation for every row count
 def _nf4_gemv(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, stride_xm, K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -63,7 +63,7 @@ def _nf4_gemv(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _nf4_mma(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, stride_xm, K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, SPLIT_K: tl.constexpr,
