@@ -65,13 +65,14 @@ def _quantised(out_features: int, in_features: int) -> tuple[torch.Tensor, objec
         in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
     )
     linear.weight = bnb.nn.Params4bit(
-        weight.cpu(), requires_grad=False, quant_type="nf4", blocksize=BLOCKSIZE
+        weight.cpu(),
+        requires_grad=False,
+        quant_type="nf4",
+        blocksize=BLOCKSIZE,
+        compress_statistics=False,  # as the worker loads it (no double quantisation)
     )
     linear = linear.cuda()  # quantises
-    own = from_bnb(linear)
-    if own is None:
-        raise SystemExit("bitsandbytes' Linear4bit is not in the format the kernel reads")
-    return weight, linear, own
+    return weight, linear, from_bnb(linear)
 
 
 def _matmul(own: Nf4Linear, x: torch.Tensor, config: Nf4Config | None = None) -> torch.Tensor:

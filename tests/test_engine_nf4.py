@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # Triton reads TRITON_INTERPRET as it defines its own functions: without a GPU, ask for its
 # interpreter before anything (bitsandbytes does) imports triton.
@@ -17,7 +18,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from worker.engine.fused import fuse_linears
-from worker.engine.nf4 import Nf4Linear, dequantize_nf4, from_bnb
+from worker.engine.nf4 import Nf4Linear, adopt_bnb_linears, dequantize_nf4, from_bnb
 from worker.engine.nf4_configs import Nf4Config, config_for
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -60,14 +61,18 @@ def test_bnb_linear_becomes_an_nf4_linear_on_its_storage() -> None:
     torch.manual_seed(0)
     linear = _bnb_linear(16, 256)
     own = from_bnb(linear)
-    assert own is not None and own.blocksize == 64
+    assert own.blocksize == 64
     assert own.packed.data_ptr() == linear.weight.data.data_ptr()
     x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
     assert torch.equal(own(x), F.linear(x, _bnb_weight(linear)))
 
 
 def test_double_quantisation_stays_on_bitsandbytes() -> None:
-    assert from_bnb(_bnb_linear(16, 256, nested=True)) is None
+    parent = torch.nn.Sequential(_bnb_linear(16, 256, nested=True), _bnb_linear(16, 256))
+    assert adopt_bnb_linears(parent) == 1
+    assert isinstance(parent[0], bnb.nn.Linear4bit) and isinstance(parent[1], Nf4Linear)
+    with pytest.raises(ValueError, match="double quantisation"):
+        from_bnb(parent[0])
 
 
 def test_fused_nf4_is_the_linears_concatenated() -> None:
@@ -132,3 +137,70 @@ def test_kernel_matches_dequantise_then_matmul(kernel_device: str, rows: int, co
     # fp32 accumulation in another order, then one rounding to the output dtype.
     error = (y.float() - reference).abs().max() / reference.abs().max()
     assert error < 1e-2
+
+
+def _quantise_text_linears(model) -> dict[str, torch.Tensor]:
+    """Swap every Linear of the text decoder for a bitsandbytes NF4 one (quantised on the CPU);
+    returns the dequantised weights by module name."""
+    weights = {}
+    layers = model.model.language_model.layers
+    for name, module in list(layers.named_modules()):
+        if type(module) is not torch.nn.Linear:
+            continue
+        parent, _, attr = name.rpartition(".")
+        quantised = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=False, compute_dtype=torch.float32
+        )
+        quantised.weight = bnb.nn.Params4bit(
+            module.weight.data,
+            requires_grad=False,
+            quant_type="nf4",
+            blocksize=64,
+            compress_statistics=False,
+        )
+        quantised = quantised.to("cpu")
+        setattr(layers.get_submodule(parent), attr, quantised)
+        weights[name] = _bnb_weight(quantised)
+    return weights
+
+
+def test_engine_on_bnb_nf4_weights_equals_generate_on_their_dequantised_form(tiny_model_dir):
+    """The engine adopts bitsandbytes' modules, fuses them and (on the CPU) decodes with
+    dequantise-then-matmul: the same tokens as HF on plain Linears of the dequantised weights."""
+    from worker.engine import ContinuousEngine
+    from worker.engine.inputs import prompt_text
+    from worker.model.generation import GenerationRequest
+    from worker.model.loading import load_model
+
+    model, processor = load_model(str(tiny_model_dir), precision="fp32", device="cpu")
+    reference_model, _ = load_model(str(tiny_model_dir), precision="fp32", device="cpu")
+    for name, weight in _quantise_text_linears(model).items():
+        reference_model.model.language_model.layers.get_submodule(name).weight.data = weight
+
+    engine = ContinuousEngine(model, processor, max_slots=2, max_seq_len=96)
+    assert isinstance(engine.parts.fused[0].gate_up, Nf4Linear)  # adopted, then fused
+    noise = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (40, 56, 3), generator=noise, dtype=torch.uint8).numpy()
+    requests = {
+        f"r{i}": GenerationRequest(Image.fromarray(pixels), question, tokens)
+        for i, (question, tokens) in enumerate([("Describe this image.", 12), ("Count", 6)])
+    }
+    for key, request in requests.items():
+        engine.submit(key, request)
+    results = {}
+    while engine.has_work():
+        results |= {done.key: done for done in engine.step_outputs()}
+    for key, request in requests.items():
+        inputs = processor(
+            images=[[request.image]],
+            text=[prompt_text(processor, request.question)],
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            out = reference_model.generate(
+                **inputs, do_sample=False, max_new_tokens=request.max_new_tokens
+            )
+        expected = out[0, inputs["input_ids"].shape[1] :].tolist()
+        tokens = results[key].token_ids
+        assert tokens and tokens == expected[: len(tokens)], key

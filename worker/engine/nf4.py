@@ -69,30 +69,38 @@ class Nf4Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def from_bnb(module: nn.Module) -> Nf4Linear | None:
-    """An :class:`Nf4Linear` on a bitsandbytes ``Linear4bit``'s own storage, or None (with the
-    reason logged) where its format is not the one the kernel reads."""
+def unsupported(module: nn.Module) -> str | None:
+    """Why a bitsandbytes ``Linear4bit`` is not in the format the kernel reads, or None."""
     state = getattr(module.weight, "quant_state", None)
-    if state is None or module.bias is not None:
-        reason = "no quant_state" if state is None else "a bias"
-    elif state.quant_type != "nf4":
-        reason = f"quant_type {state.quant_type!r}"
-    elif state.nested:
-        reason = "double quantisation (bnb_4bit_use_double_quant)"
-    else:
-        out_features, in_features = state.shape
-        reason = "" if in_features % state.blocksize == 0 else "in_features not in whole blocks"
+    if state is None:
+        return "no quant_state (not quantised)"
+    if module.bias is not None:
+        return "a bias"
+    if state.quant_type != "nf4":
+        return f"quant_type {state.quant_type!r}"
+    if state.nested:
+        return "double quantisation (bnb_4bit_use_double_quant)"
+    if state.shape[1] % state.blocksize:
+        return "in_features not a whole number of blocks"
+    return None
+
+
+def from_bnb(module: nn.Module) -> Nf4Linear:
+    """An :class:`Nf4Linear` on a bitsandbytes ``Linear4bit``'s own storage; raises
+    ValueError where :func:`unsupported` gives a reason."""
+    reason = unsupported(module)
     if reason:
-        logger.warning("%s kept on bitsandbytes' kernels: it has %s", type(module).__name__, reason)
-        return None
+        raise ValueError(f"the NF4 kernel cannot read this Linear4bit: it has {reason}")
+    state = module.weight.quant_state
+    out_features, in_features = state.shape
     packed = module.weight.data.view(out_features, in_features // 2)
     absmax = state.absmax.view(out_features, in_features // state.blocksize)
     return Nf4Linear(packed, absmax, state.code, state.dtype)
 
 
 def adopt_bnb_linears(root: nn.Module) -> int:
-    """Replace every bitsandbytes ``Linear4bit`` under ``root`` that :func:`from_bnb` accepts
-    by its :class:`Nf4Linear`; returns how many were replaced."""
+    """Replace every bitsandbytes ``Linear4bit`` under ``root`` in the format the kernel reads
+    by its :class:`Nf4Linear`, logging why any other stays; returns how many were replaced."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -103,13 +111,16 @@ def adopt_bnb_linears(root: nn.Module) -> int:
         for name, child in parent.named_children()
         if isinstance(child, Linear4bit)
     ]
-    replaced = 0
+    kept: dict[str, int] = {}
     for parent, name, child in targets:
-        own = from_bnb(child)
-        if own is not None:
-            setattr(parent, name, own)
-            replaced += 1
-    return replaced
+        reason = unsupported(child)
+        if reason:
+            kept[reason] = kept.get(reason, 0) + 1
+        else:
+            setattr(parent, name, from_bnb(child))
+    for reason, count in kept.items():
+        logger.warning("%d Linear4bit modules stay on bitsandbytes' kernels: %s", count, reason)
+    return len(targets) - sum(kept.values())
 
 
 def concat_nf4(*linears: Nf4Linear) -> Nf4Linear:
