@@ -16,7 +16,10 @@ from worker.engine.nf4_configs import Nf4Config, config_for
 
 
 @triton.jit
-def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BN, BK, BS):
+def _dequant_tile(
+    packed_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+):  # fmt: skip
     """Weight rows ``offs_n``, columns ``k0 .. k0 + BK`` as fp32 [BN, BK] (BK a multiple of BS)."""
     rows_in = offs_n[:, None] < N
     offs_b = k0 // 2 + tl.arange(0, BK // 2)
