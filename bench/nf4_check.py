@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.nf4 import Nf4Linear, from_bnb
-from worker.engine.nf4_configs import Nf4Config, config_for, split_for
+from worker.engine.nf4_configs import (
+    GEMV_PRODUCT,
+    Nf4Config,
+    config_for,
+    gemv_rows,
+    split_for,
+)
 
 # (name, out_features, in_features) of the 11B text model: fused q/k/v, o, fused gate/up, down.
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
@@ -41,7 +47,13 @@ def candidates(rows: int, out_features: int, in_features: int) -> list[Nf4Config
     base = config_for(rows, out_features, in_features, BLOCKSIZE)
     shapes: list[tuple[str, int, int, int, int]]  # kind, block_m, block_n, block_k, warps
     if rows <= 8:
-        shapes = [("gemv", 16, 16, 256, 4), ("gemv", 16, 64, 64, 4), ("mma", 16, 64, 128, 4)]
+        product = GEMV_PRODUCT // gemv_rows(rows)  # block_n * block_k in the same registers
+        shapes = [
+            ("gemv", 16, 64, product // 64, 4),
+            ("gemv", 16, 16, product // 16, 4),
+            ("gemv", 16, 32, 2 * product // 32, 8),
+            ("mma", 16, 64, 128, 4),
+        ]
     elif rows <= 64:
         block_m = min(64, rows)
         shapes = [("mma", block_m, 128, 64, 4), ("mma", block_m, 32, 256, 4)]

@@ -11,6 +11,9 @@ from typing import Literal
 
 # Enough programs to keep every SM of an H100 (132) or H200 busy at two per SM.
 TARGET_PROGRAMS = 264
+# The GEMV kernel holds a [rows, block_n, block_k] product in registers: at 4 warps, 8192
+# elements are 64 a thread, past which it spills.
+GEMV_PRODUCT = 8192
 
 
 @dataclass(frozen=True)
@@ -50,11 +53,17 @@ def split_for(tiles: int, rows: int, in_features: int, block_k: int) -> int:
     return split
 
 
+def gemv_rows(rows: int) -> int:
+    """The GEMV kernel's row block: ``rows`` rounded up to a power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
 def default_config(rows: int, out_features: int, in_features: int) -> Nf4Config:
     """An untuned config: GEMV up to 8 rows, tensor-core tiles beyond, K split while the
     output tiles alone would leave SMs idle."""
     if rows <= 8:
-        block_n, block_k = 32, 128
+        block_n = 32 if rows <= 4 else 16
+        block_k = GEMV_PRODUCT // (gemv_rows(rows) * block_n)
         tiles = -(-out_features // block_n)
         return Nf4Config("gemv", block_n, block_k, split_for(tiles, rows, in_features, block_k))
     if rows > 64:

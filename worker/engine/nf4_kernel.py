@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.engine.nf4_configs import Nf4Config, config_for
+from worker.engine.nf4_configs import Nf4Config, config_for, gemv_rows
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def nf4_matmul(
     )
     if config.kind == "gemv":
         grid = (triton.cdiv(out_features, config.block_n), split)
-        _nf4_gemv[grid](*args, BM=triton.next_power_of_2(rows), **meta)
+        _nf4_gemv[grid](*args, BM=gemv_rows(rows), **meta)
     else:
         grid = (
             triton.cdiv(rows, config.block_m),
