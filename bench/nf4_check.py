@@ -7,8 +7,8 @@
 2. CUDA graphs: a captured call replays to the same output (split-K included);
 3. timing, warm, with CUDA events (``triton.testing.do_bench``) at rows 1..128: bf16
    ``F.linear``, bitsandbytes' ``Linear4bit``, and the kernel under the engine's config and
-   a few others (until ``--tune-budget-s`` runs out); the best is reported and written as the
-   ``TUNED`` table for ``worker/engine/nf4_configs.py``.
+   a few others (while ``--tune-budget-s``, shared evenly by the row counts, lasts); the
+   best is reported and written as the ``TUNED`` table for ``worker/engine/nf4_configs.py``.
 
 Writes ``nf4_check.json`` and ``nf4_tuned.py`` (the table to paste) under ``--out``.
 """
@@ -201,7 +201,7 @@ def _check(own: Nf4Linear) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tune-budget-s", type=float, default=45.0)
+    parser.add_argument("--tune-budget-s", type=float, default=40.0)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("nf4_check needs a CUDA GPU", file=sys.stderr)
@@ -216,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         checks.append({"shape": name} | _check(quantised[name][2]))
         print(checks[-1], flush=True)
     report["checks"] = checks
-    tune_until = time.monotonic() + args.tune_budget_s
+    tuning_from = time.monotonic()
     print(f"\nrows    shape {'out x in':>13} {'bf16 us':>9} {'bnb us':>9} {'ours us':>9} ours/bf16")
     timings: list[dict] = []
-    for rows in TIMED_ROWS:
+    for index, rows in enumerate(TIMED_ROWS, start=1):
+        tune_until = tuning_from + args.tune_budget_s * index / len(TIMED_ROWS)
         for name, n, k in SHAPES:
             weight, linear, own = quantised[name]
             t = {"shape": name, "out_features": n, "in_features": k}

@@ -3,6 +3,7 @@ against dequantise-then-matmul (under Triton's interpreter where there is no GPU
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -204,3 +205,22 @@ def test_engine_on_bnb_nf4_weights_equals_generate_on_their_dequantised_form(tin
         expected = out[0, inputs["input_ids"].shape[1] :].tolist()
         tokens = results[key].token_ids
         assert tokens and tokens == expected[: len(tokens)], key
+
+
+def test_check_script_candidates_fit_and_its_table_reads_back() -> None:
+    from bench.nf4_check import SHAPES, TIMED_ROWS, candidates, tuned_table
+
+    timings = []
+    for rows in TIMED_ROWS:
+        for _, out_features, in_features in SHAPES:
+            found = candidates(rows, out_features, in_features)
+            assert found[0] == config_for(rows, out_features, in_features, 64)
+            assert all(config.fits(in_features, 64) for config in found)
+            best = dataclasses.asdict(found[-1])
+            timings.append(
+                {"out_features": out_features, "in_features": in_features, "rows": rows}
+                | {"best_config": best}
+            )
+    scope: dict = {"Nf4Config": Nf4Config}
+    exec(tuned_table(timings), scope)
+    assert scope["TUNED"][(4096, 14336)][-1] == (128, Nf4Config(**timings[-1]["best_config"]))
