@@ -111,6 +111,8 @@ def nf4_matmul(
     out_features = packed.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
+    if rows == 0:
+        return x.new_empty(0, out_features)
     config = config or config_for(rows, out_features, in_features, blocksize)
     split = config.split_k
     out_dtype = x.dtype if split == 1 else torch.float32
