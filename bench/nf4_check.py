@@ -38,6 +38,7 @@ from worker.engine.nf4_configs import (
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 TIMED_ROWS = [1, 2, 4, 8, 16, 32, 64, 128]
 BLOCKSIZE = 64
+DEVICE, DTYPE = "cuda", torch.bfloat16  # what the engine runs nf4 in
 # fp32 accumulation in another order than the reference's, then one rounding to bf16 (2^-8).
 TOLERANCE = 1e-2
 
@@ -72,9 +73,9 @@ def candidates(rows: int, out_features: int, in_features: int) -> list[Nf4Config
 def _quantised(out_features: int, in_features: int) -> tuple[torch.Tensor, object, Nf4Linear]:
     import bitsandbytes as bnb
 
-    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16, device="cuda") * 0.02
+    weight = torch.randn(out_features, in_features, dtype=DTYPE, device=DEVICE) * 0.02
     linear = bnb.nn.Linear4bit(
-        in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+        in_features, out_features, bias=False, compute_dtype=DTYPE, quant_type="nf4"
     )
     linear.weight = bnb.nn.Params4bit(
         weight.cpu(),
@@ -83,7 +84,7 @@ def _quantised(out_features: int, in_features: int) -> tuple[torch.Tensor, objec
         blocksize=BLOCKSIZE,
         compress_statistics=False,  # as the worker loads it (no double quantisation)
     )
-    linear = linear.to("cuda")  # quantises
+    linear = linear.to(DEVICE)  # quantises
     return weight, linear, from_bnb(linear)
 
 
@@ -98,7 +99,7 @@ def check_correctness(own: Nf4Linear) -> float:
     reference_weight = own.dequantized().float()
     worst = 0.0
     for rows in range(1, 129):
-        x = torch.randn(rows, own.in_features, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(rows, own.in_features, dtype=DTYPE, device=DEVICE)
         reference = x.float() @ reference_weight.T
         error = (_matmul(own, x).float() - reference).abs().max() / reference.abs().max()
         worst = max(worst, error.item())
@@ -107,7 +108,7 @@ def check_correctness(own: Nf4Linear) -> float:
 
 def check_graph(own: Nf4Linear, rows: int) -> bool:
     """A CUDA graph of one call replays to the eager output for new inputs."""
-    x = torch.randn(rows, own.in_features, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(rows, own.in_features, dtype=DTYPE, device=DEVICE)
     _matmul(own, x)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -131,7 +132,7 @@ def time_shape(
     engine's always; the others while the tuning budget lasts). A config that fails to compile
     or launch, or whose output strays from the engine config's (checked above) by more than
     the tolerance, is recorded with the reason and not timed."""
-    x = torch.randn(rows, own.in_features, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(rows, own.in_features, dtype=DTYPE, device=DEVICE)
     with torch.inference_mode():
         bf16 = _time_us(lambda: F.linear(x, weight))
         bnb_us = _time_us(lambda: linear(x))
