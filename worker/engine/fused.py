@@ -32,8 +32,9 @@ class FusedLayer:
     gate_up: nn.Module | None  # hidden -> 2 * intermediate
 
 
-def _fusable(*modules: nn.Module) -> bool:
-    # bitsandbytes' own Linear subclasses pack their weights in ways not concatenated here.
+def fusable(*modules: nn.Module) -> bool:
+    """Whether :func:`fuse_linears` fuses these: all plain bias-free Linears or all NF4 ones
+    (bitsandbytes' own Linear subclasses are not concatenated)."""
     plain = all(type(m) is nn.Linear and m.bias is None for m in modules)
     return plain or all(isinstance(m, Nf4Linear) for m in modules)
 
@@ -69,7 +70,7 @@ def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[
         for i, layer in enumerate(layers)
         if i not in cross_layers
     ]
-    if not _fusable(*(m for group in (*mlps, *attns) for m in group)):
+    if not fusable(*(m for group in (*mlps, *attns) for m in group)):
         return None
     probe = torch.linspace(-4.0, 4.0, 17)
     if not all(torch.allclose(layer.mlp.act_fn(probe), F.silu(probe)) for layer in layers):
