@@ -5,10 +5,11 @@
 1. correctness: the kernel (the engine's configs) against dequantise-then-matmul in fp32 at
    rows 1..128 for every shape, relative max error below ``TOLERANCE``;
 2. CUDA graphs: a captured call replays to the same output (split-K included);
-3. timing, warm, with CUDA events (``triton.testing.do_bench``) at rows 1..128: bf16
-   ``F.linear``, bitsandbytes' ``Linear4bit``, and the kernel under the engine's config and
-   a few others (while ``--tune-budget-s``, shared evenly by the row counts, lasts); the
-   best is reported and written as the ``TUNED`` table for ``worker/engine/nf4_configs.py``.
+3. timing, warm, with CUDA events (``triton.testing.do_bench``) at rows 1..128 (decode)
+   and 2048 (a prefill chunk): bf16 ``F.linear``, bitsandbytes' ``Linear4bit``, and the
+   kernel under the engine's config and a few others (while ``--tune-budget-s``, shared
+   evenly by the row counts, lasts); the best is reported and written as the ``TUNED``
+   table for ``worker/engine/nf4_configs.py``.
 
 Writes ``nf4_check.json`` and ``nf4_tuned.py`` (the table to paste) under ``--out``.
 """
@@ -36,7 +37,7 @@ from worker.engine.nf4_configs import (
 
 # (name, out_features, in_features) of the 11B text model: fused q/k/v, o, fused gate/up, down.
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-TIMED_ROWS = [1, 2, 4, 8, 16, 32, 64, 128]
+TIMED_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 2048]
 BLOCKSIZE = 64
 DEVICE, DTYPE = "cuda", torch.bfloat16  # what the engine runs nf4 in
 # fp32 accumulation in another order than the reference's, then one rounding to bf16 (2^-8).
