@@ -2,7 +2,8 @@
 
 A decode step at small batch is bound by kernel count as much as by weight bytes: each of the
 40 layers ran ~45 kernels. Concatenating q/k/v and gate/up weights turns five GEMVs into two;
-the HF modules keep working on views of the fused tensors, so no weight is stored twice. The
+the HF modules keep working on views of the fused tensors, so no weight is stored twice. Plain
+Linears fuse into one Linear, the engine's NF4 Linears (``nf4.py``) into one NF4 Linear. The
 pointwise work between the GEMMs (residual add + RMSNorm, rotary, SiLU-and-multiply) is written
 as plain functions that :func:`pointwise_kernels` compiles into one Triton kernel each on CUDA.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.attention import apply_rope
+from worker.engine.nf4 import Nf4Linear, concat_nf4
 from worker.model.fp8 import Fp8Linear, concat_fp8
 
 logger = logging.getLogger(__name__)
@@ -27,20 +29,21 @@ logger = logging.getLogger(__name__)
 class FusedLayer:
     """One decoder layer's fused projections; ``qkv`` is None for cross-attention layers.
 
-    Each is a bias-free Linear: an ``nn.Linear`` over the concatenated bf16 weights, or an
-    :class:`~worker.model.fp8.Fp8Linear` over the concatenated e4m3 weights and scales.
+    Each is a bias-free Linear: an ``nn.Linear`` over the concatenated weights, or an
+    :class:`~worker.model.fp8.Fp8Linear` / :class:`~worker.engine.nf4.Nf4Linear` over the
+    concatenated quantized weights and their scales.
     """
 
-    qkv: nn.Module | None  # out (H + 2 Hkv) * D
-    gate_up: nn.Module | None  # out 2 * intermediate
+    qkv: nn.Module | None  # hidden -> (H + 2 Hkv) * D
+    gate_up: nn.Module | None  # hidden -> 2 * intermediate
 
 
-def _fusable(*modules: nn.Module) -> bool:
-    # bitsandbytes' Linear subclasses pack their weights: nothing to concatenate.
-    kind = type(modules[0])
-    if kind is Fp8Linear:
-        return all(type(m) is kind for m in modules)
-    return all(type(m) is nn.Linear and m.bias is None for m in modules)
+def fusable(*modules: nn.Module) -> bool:
+    """Whether :func:`fuse_linears` fuses these: all plain bias-free Linears, all fp8 or all
+    NF4 ones (bitsandbytes' own Linear subclasses are not concatenated)."""
+    if all(type(m) is nn.Linear and m.bias is None for m in modules):
+        return True
+    return any(all(isinstance(m, kind) for m in modules) for kind in (Fp8Linear, Nf4Linear))
 
 
 def concat_linears(*linears: nn.Linear) -> torch.Tensor:
@@ -55,9 +58,13 @@ def concat_linears(*linears: nn.Linear) -> torch.Tensor:
 
 
 def fuse_linears(*linears: nn.Module) -> nn.Module:
-    """One bias-free Linear computing ``linears`` side by side, sharing their weights."""
-    if type(linears[0]) is Fp8Linear:
+    """One module computing the linears' outputs concatenated; each keeps working on a view
+    of the fused weight. All plain bias-free ``nn.Linear``, all fp8 or all NF4 (see
+    :func:`fusable`)."""
+    if isinstance(linears[0], Fp8Linear):
         return concat_fp8(*linears)
+    if isinstance(linears[0], Nf4Linear):
+        return concat_nf4(*linears)
     weight = concat_linears(*linears)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
@@ -65,15 +72,15 @@ def fuse_linears(*linears: nn.Module) -> nn.Module:
 
 
 def fuse_layers(layers: list[nn.Module], cross_layers: tuple[int, ...]) -> list[FusedLayer] | None:
-    """Fuse every layer's projections in place, or return None if any cannot be (quantized
-    Linears other than fp8, or mixed kinds)."""
+    """Fuse every layer's projections in place, or return None if any cannot be (see
+    :func:`fusable`: one kind of Linear throughout)."""
     mlps = [(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers]
     attns = [
         (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
         for i, layer in enumerate(layers)
         if i not in cross_layers
     ]
-    if not all(_fusable(*group) for group in (*mlps, *attns)):
+    if not fusable(*(m for group in (*mlps, *attns) for m in group)):
         return None
     probe = torch.linspace(-4.0, 4.0, 17)
     if not all(torch.allclose(layer.mlp.act_fn(probe), F.silu(probe)) for layer in layers):

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from worker.engine.fused import concat_linears, rms_norm
+from worker.engine.fused import fusable, fuse_linears, rms_norm
 from worker.engine.inputs import PreparedRequest, to_device
 from worker.engine.parts import MllamaParts
 from worker.engine.slots import SlotCache
@@ -66,8 +65,7 @@ class CrossProjection:
         self.projector = parts.projector
         self.attns = [parts.layers[i].cross_attn for i in g.cross_layers]
         linears = [m for attn in self.attns for m in (attn.k_proj, attn.v_proj)]
-        plain = all(type(m) is nn.Linear and m.bias is None for m in linears)
-        self.weight = concat_linears(*linears) if plain else None
+        self.kv: nn.Module | None = fuse_linears(*linears) if fusable(*linears) else None
         self.norm_weight = torch.stack([attn.k_norm.weight.detach() for attn in self.attns])
         self.eps = self.attns[0].k_norm.variance_epsilon
         self.kv_heads, self.head_dim = g.num_kv_heads, g.head_dim
@@ -77,8 +75,8 @@ class CrossProjection:
         states = self.projector(vision_states)
         count, length, _ = states.shape
         layers = len(self.attns)
-        if self.weight is not None:
-            kv = F.linear(states, self.weight).view(count, length, layers, 2, -1, self.head_dim)
+        if self.kv is not None:
+            kv = self.kv(states).view(count, length, layers, 2, -1, self.head_dim)
             k = rms_norm(self.norm_weight[:, None, :], kv[:, :, :, 0], self.eps)
             return k.permute(2, 0, 1, 3, 4), kv[:, :, :, 1].permute(2, 0, 1, 3, 4)
         shape = (count, length, self.kv_heads, self.head_dim)

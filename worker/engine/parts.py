@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from worker.engine.fused import FusedLayer, fuse_layers
+from worker.engine.nf4 import adopt_bnb_linears
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class MllamaParts:
             max_tiles=vision_config.max_num_tiles,
             max_position_embeddings=text_config.max_position_embeddings,
         )
-        # Decode-path weights fused in place (None entries: bitsandbytes weights, left as they are).
+        # bitsandbytes' NF4 Linears run on the engine's own kernel, on bitsandbytes' storage.
+        adopt_bnb_linears(text)
+        # Decode-path weights fused in place (None entries: not fusable, left as they are).
         fused = fuse_layers(self.layers, self.geometry.cross_layers)
         self.fused: list[FusedLayer] = fused or [
             FusedLayer(qkv=None, gate_up=None) for _ in self.layers

@@ -1,0 +1,227 @@
+"""The engine's NF4 path: bitsandbytes' format read bit for bit, fused, and the Triton kernels
+against dequantise-then-matmul (under Triton's interpreter where there is no GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# Triton reads TRITON_INTERPRET as it defines its own functions: without a GPU, ask for its
+# interpreter before anything (bitsandbytes does) imports triton.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from worker.engine.fused import fuse_linears
+from worker.engine.nf4 import Nf4Linear, adopt_bnb_linears, dequantize_nf4, from_bnb
+from worker.engine.nf4_configs import Nf4Config, config_for
+
+bnb = pytest.importorskip("bitsandbytes")
+functional = pytest.importorskip("bitsandbytes.functional")
+
+# The 11B text model's projections: fused q/k/v, o, fused gate/up, down (out, in).
+SHAPES_11B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+def _bnb_linear(out_features: int, in_features: int, *, blocksize: int = 64, nested: bool = False):
+    linear = bnb.nn.Linear4bit(
+        in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+    )
+    weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+    linear.weight = bnb.nn.Params4bit(
+        weight,
+        requires_grad=False,
+        quant_type="nf4",
+        blocksize=blocksize,
+        compress_statistics=nested,
+    )
+    return linear.to("cpu")  # quantises
+
+
+def _bnb_weight(linear) -> torch.Tensor:
+    return functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_dequantize_is_bitsandbytes_bit_for_bit(dtype: torch.dtype, blocksize: int) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(24, 512, dtype=dtype) * 3
+    packed, state = functional.quantize_4bit(weight, quant_type="nf4", blocksize=blocksize)
+    ours = dequantize_nf4(packed.view(24, 256), state.absmax.view(24, -1), state.code, dtype)
+    assert torch.equal(ours, functional.dequantize_4bit(packed, state))
+
+
+def test_bnb_linear_becomes_an_nf4_linear_on_its_storage() -> None:
+    torch.manual_seed(0)
+    linear = _bnb_linear(16, 256)
+    own = from_bnb(linear)
+    assert own.blocksize == 64
+    assert own.packed.data_ptr() == linear.weight.data.data_ptr()
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    assert torch.equal(own(x), F.linear(x, _bnb_weight(linear)))
+
+
+def test_double_quantisation_stays_on_bitsandbytes() -> None:
+    parent = torch.nn.Sequential(_bnb_linear(16, 256, nested=True), _bnb_linear(16, 256))
+    assert adopt_bnb_linears(parent) == 1
+    assert isinstance(parent[0], bnb.nn.Linear4bit) and isinstance(parent[1], Nf4Linear)
+    with pytest.raises(ValueError, match="double quantisation"):
+        from_bnb(parent[0])
+
+
+def test_fused_nf4_is_the_linears_concatenated() -> None:
+    torch.manual_seed(0)
+    bnbs = [_bnb_linear(rows, 128) for rows in (32, 16, 16)]
+    linears = [from_bnb(linear) for linear in bnbs]
+    fused = fuse_linears(*linears)
+    assert isinstance(fused, Nf4Linear) and fused.out_features == 64
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    reference = F.linear(x, torch.cat([_bnb_weight(linear) for linear in bnbs]))
+    assert torch.equal(fused(x), reference)
+    assert torch.equal(torch.cat([linear(x) for linear in linears], dim=-1), reference)
+    assert linears[1].packed.data_ptr() == fused.packed[32].data_ptr()  # views, not copies
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16, 32, 64, 128, 512, 4096])
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES_11B)
+def test_every_default_config_fits_the_11b_shapes(rows, out_features, in_features) -> None:
+    config = config_for(rows, out_features, in_features, 64)
+    assert config.fits(in_features, 64)
+    assert config.kind == ("gemv" if rows <= 8 else "mma")
+
+
+def test_a_config_that_does_not_fit_falls_back_to_one_block_steps() -> None:
+    config = config_for(4, 8, 192, 64)  # 192 is not a whole number of the default 128-wide steps
+    assert config.fits(192, 64) and config.block_k == 64
+
+
+KERNEL_CASES = [
+    (1, Nf4Config("gemv", 32, 128)),
+    (3, Nf4Config("gemv", 16, 64, split_k=2)),
+    (8, Nf4Config("gemv", 16, 128, split_k=2)),
+    (5, Nf4Config("mma", 16, 64, block_m=16)),
+    (20, Nf4Config("mma", 32, 128, split_k=2, block_m=16)),
+]
+
+
+@pytest.fixture(scope="module")
+def kernel_device() -> str:
+    """CUDA where there is one, else Triton's interpreter on the CPU."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU, and triton was loaded before TRITON_INTERPRET=1 could be set")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(("rows", "config"), KERNEL_CASES)
+def test_kernel_matches_dequantise_then_matmul(kernel_device: str, rows: int, config) -> None:
+    nf4_kernel = importlib.import_module("worker.engine.nf4_kernel")
+    # The interpreter's tl.dot mishandles bf16 (numpy has none); fp16 runs the same code there.
+    dtype = torch.bfloat16 if kernel_device == "cuda" else torch.float16
+    out_features, in_features = 48, 256  # 48: a partial last block of output features
+    torch.manual_seed(rows)
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=kernel_device)
+    packed, state = functional.quantize_4bit(weight, quant_type="nf4", blocksize=64)
+    packed = packed.view(out_features, -1)
+    absmax = state.absmax.view(out_features, -1)
+    x = torch.randn(rows, in_features, dtype=dtype, device=kernel_device)
+    y = nf4_kernel.nf4_matmul(x, packed, absmax, state.code, 64, config)
+    reference = x.float() @ dequantize_nf4(packed, absmax, state.code, dtype).float().T
+    assert y.dtype == dtype and y.shape == (rows, out_features)
+    # fp32 accumulation in another order, then one rounding to the output dtype.
+    error = (y.float() - reference).abs().max() / reference.abs().max()
+    assert error < 1e-2
+
+
+def _quantise_text_linears(model) -> dict[str, torch.Tensor]:
+    """Swap every Linear of the text decoder for a bitsandbytes NF4 one (quantised on the CPU);
+    returns the dequantised weights by module name."""
+    weights = {}
+    layers = model.model.language_model.layers
+    for name, module in list(layers.named_modules()):
+        if type(module) is not torch.nn.Linear:
+            continue
+        parent, _, attr = name.rpartition(".")
+        quantised = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=False, compute_dtype=torch.float32
+        )
+        quantised.weight = bnb.nn.Params4bit(
+            module.weight.data,
+            requires_grad=False,
+            quant_type="nf4",
+            blocksize=64,
+            compress_statistics=False,
+        )
+        quantised = quantised.to("cpu")
+        setattr(layers.get_submodule(parent), attr, quantised)
+        weights[name] = _bnb_weight(quantised)
+    return weights
+
+
+def test_engine_on_bnb_nf4_weights_equals_generate_on_their_dequantised_form(tiny_model_dir):
+    """The engine adopts bitsandbytes' modules, fuses them and (on the CPU) decodes with
+    dequantise-then-matmul: the same tokens as HF on plain Linears of the dequantised weights."""
+    from worker.engine import ContinuousEngine
+    from worker.engine.inputs import prompt_text
+    from worker.model.generation import GenerationRequest
+    from worker.model.loading import load_model
+
+    model, processor = load_model(str(tiny_model_dir), precision="fp32", device="cpu")
+    reference_model, _ = load_model(str(tiny_model_dir), precision="fp32", device="cpu")
+    for name, weight in _quantise_text_linears(model).items():
+        reference_model.model.language_model.layers.get_submodule(name).weight.data = weight
+
+    engine = ContinuousEngine(model, processor, max_slots=2, max_seq_len=96)
+    assert isinstance(engine.parts.fused[0].gate_up, Nf4Linear)  # adopted, then fused
+    noise = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (40, 56, 3), generator=noise, dtype=torch.uint8).numpy()
+    requests = {
+        f"r{i}": GenerationRequest(Image.fromarray(pixels), question, tokens)
+        for i, (question, tokens) in enumerate([("Describe this image.", 12), ("Count", 6)])
+    }
+    for key, request in requests.items():
+        engine.submit(key, request)
+    results = {}
+    while engine.has_work():
+        results |= {done.key: done for done in engine.step_outputs()}
+    for key, request in requests.items():
+        inputs = processor(
+            images=[[request.image]],
+            text=[prompt_text(processor, request.question)],
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            out = reference_model.generate(
+                **inputs, do_sample=False, max_new_tokens=request.max_new_tokens
+            )
+        expected = out[0, inputs["input_ids"].shape[1] :].tolist()
+        tokens = results[key].token_ids
+        assert tokens and tokens == expected[: len(tokens)], key
+
+
+def test_check_script_candidates_fit_and_its_table_reads_back() -> None:
+    from bench.nf4_check import SHAPES, TIMED_ROWS, candidates, tuned_table
+
+    timings = []
+    for rows in TIMED_ROWS:
+        for _, out_features, in_features in SHAPES:
+            found = candidates(rows, out_features, in_features)
+            assert found[0] == config_for(rows, out_features, in_features, 64)
+            assert all(config.fits(in_features, 64) for config in found)
+            best = dataclasses.asdict(found[-1])
+            timings.append(
+                {"out_features": out_features, "in_features": in_features, "rows": rows}
+                | {"best_config": best}
+            )
+    scope: dict = {"Nf4Config": Nf4Config}
+    exec(tuned_table(timings), scope)
+    last = timings[-1]
+    assert scope["TUNED"][(4096, 14336)][-1] == (last["rows"], Nf4Config(**last["best_config"]))

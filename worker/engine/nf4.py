@@ -1,0 +1,148 @@
+"""bitsandbytes' NF4 weights as a Linear of the engine's own, fusable and run by its own kernel.
+
+The format (``Params4bit`` with ``quant_type='nf4'``, no double quantisation): the [out, in]
+weight flattened row-major, two 4-bit codes per uint8 byte (high nibble first), quantised in
+blocks of ``blocksize`` consecutive elements with one fp32 absmax each; an element is
+``code[nibble] * absmax[block]`` computed in fp32, then cast to the compute dtype.
+With ``in`` a multiple of the blocksize every block lies within one row, so packed rows (and
+their absmax) of several Linears concatenate along the output dim into one fused weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def dequantize_nf4(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Packed codes [out, in / 2] uint8 and absmax [out, in / blocksize] fp32 -> [out, in]
+    in ``dtype``, bit for bit what bitsandbytes' ``dequantize_4bit`` gives."""
+    out = packed.shape[0]
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(out, -1).long()
+    values = code[nibbles].view(out, absmax.shape[1], -1) * absmax[:, :, None]
+    return values.view(out, -1).to(dtype)
+
+
+class Nf4Linear(nn.Module):
+    """``y = x @ dequant(W)^T`` (no bias) from NF4 codes; runs the Triton kernel on CUDA
+    (fp32 accumulation, no host sync, so it captures in a CUDA graph) and
+    dequantise-then-matmul elsewhere."""
+
+    def __init__(
+        self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        out_features, half_in = packed.shape
+        if half_in * 2 % absmax.shape[1] or absmax.shape[0] != out_features:
+            raise ValueError(
+                f"absmax {tuple(absmax.shape)} does not block packed codes {tuple(packed.shape)}"
+            )
+        self.in_features = half_in * 2
+        self.out_features = out_features
+        self.blocksize = self.in_features // absmax.shape[1]
+        self.dtype = dtype
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("absmax", absmax, persistent=False)
+        self.register_buffer("code", code, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, blocksize={self.blocksize}"
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [out, in] in the compute dtype."""
+        return dequantize_nf4(self.packed, self.absmax, self.code, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return F.linear(x, self.dequantized())
+        from worker.engine.nf4_kernel import nf4_matmul
+
+        flat = x.reshape(-1, self.in_features)
+        y = nf4_matmul(flat, self.packed, self.absmax, self.code, self.blocksize)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def unsupported(module: nn.Module) -> str | None:
+    """Why a bitsandbytes ``Linear4bit`` is not in the format the kernel reads, or None."""
+    state = getattr(module.weight, "quant_state", None)
+    if state is None:
+        return "no quant_state (not quantised)"
+    if module.bias is not None:
+        return "a bias"
+    if state.quant_type != "nf4":
+        return f"quant_type {state.quant_type!r}"
+    if state.nested:
+        return "double quantisation (bnb_4bit_use_double_quant)"
+    if state.shape[1] % state.blocksize:
+        return "in_features not a whole number of blocks"
+    return None
+
+
+def from_bnb(module: nn.Module) -> Nf4Linear:
+    """An :class:`Nf4Linear` on a bitsandbytes ``Linear4bit``'s own storage; raises
+    ValueError where :func:`unsupported` gives a reason."""
+    reason = unsupported(module)
+    if reason:
+        raise ValueError(f"the NF4 kernel cannot read this Linear4bit: it has {reason}")
+    state = module.weight.quant_state
+    out_features, in_features = state.shape
+    packed = module.weight.data.view(out_features, in_features // 2)
+    absmax = state.absmax.view(out_features, in_features // state.blocksize)
+    return Nf4Linear(packed, absmax, state.code, state.dtype)
+
+
+def adopt_bnb_linears(root: nn.Module) -> int:
+    """Replace every bitsandbytes ``Linear4bit`` under ``root`` in the format the kernel reads
+    by its :class:`Nf4Linear`, logging why any other stays; returns how many were replaced."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    targets = [
+        (parent, name, child)
+        for parent in root.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, Linear4bit)
+    ]
+    kept: dict[str, int] = {}
+    for parent, name, child in targets:
+        reason = unsupported(child)
+        if reason:
+            kept[reason] = kept.get(reason, 0) + 1
+        else:
+            setattr(parent, name, from_bnb(child))
+    for reason, count in kept.items():
+        logger.warning("%d Linear4bit modules stay on bitsandbytes' kernels: %s", count, reason)
+    return len(targets) - sum(kept.values())
+
+
+def concat_nf4(*linears: Nf4Linear) -> Nf4Linear:
+    """One Nf4Linear over the linears' rows concatenated; each is re-pointed at its rows."""
+    first = linears[0]
+    if any(
+        (lin.in_features, lin.blocksize, lin.dtype)
+        != (first.in_features, first.blocksize, first.dtype)
+        or not torch.equal(lin.code, first.code)
+        for lin in linears
+    ):
+        raise ValueError("only NF4 linears of one input size, blocksize, dtype and code table fuse")
+    fused = Nf4Linear(
+        torch.cat([lin.packed for lin in linears]),
+        torch.cat([lin.absmax for lin in linears]),
+        first.code,
+        first.dtype,
+    )
+    start = 0
+    for lin in linears:
+        rows = lin.out_features
+        lin.packed = fused.packed[start : start + rows]
+        lin.absmax = fused.absmax[start : start + rows]
+        start += rows
+    return fused
