@@ -34,9 +34,9 @@ from worker.engine.inputs import prompt_text
 from worker.model.fp8 import (
     Fp8Linear,
     check_fp8_device,
+    quantize_activation,
     quantize_language_model,
     quantize_rows,
-    row_quantizer,
 )
 
 #: (out, in) of the 11B's decode GEMMs.
@@ -119,7 +119,7 @@ def gemm_table(device: str) -> list[dict]:
                     )
                     entry["fp8_us"] = graph_us([lambda x=x, f=f: f(x) for f in fp8s])
                     # The activation quantisation alone: what fusing it upstream would save.
-                    entry["quant_us"] = graph_us([lambda x=x: row_quantizer(x.device)(x)[0]])
+                    entry["quant_us"] = graph_us([lambda x=x: quantize_activation(x)[0]])
                     exact, out = linears[0](x), fp8s[0](x)
                     q, scale = quantize_rows(x)
                     reference = (q.float() * scale) @ fp8s[0].dequantized().t()

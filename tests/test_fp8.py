@@ -1,8 +1,9 @@
 """fp8 (e4m3) weights: quantisation, the Linear against a dequantise-then-matmul reference, the
 fused projections, the tiny model through the engine, and the refusals. CPU in CI: torch's CPU
-``_scaled_mm`` takes e4m3 with rowwise scales. ``VLMQ_TEST_DEVICE=cuda`` runs the tiny model's
-checks on a GPU, through the engine's CUDA graphs and compiled kernels; ``bench.fp8_check``
-times the full-size GEMMs."""
+``_scaled_mm`` takes e4m3 with rowwise scales (torch 2.13; 2.11's takes per-tensor scales only).
+``VLMQ_TEST_DEVICE=cuda`` runs the Linear and tiny model checks on a GPU, through the Triton
+quantiser, the engine's CUDA graphs and compiled kernels; ``bench.fp8_check`` times the
+full-size GEMMs."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from worker.settings import WorkerSettings
 
 def linear(out_features: int, in_features: int, seed: int) -> nn.Linear:
     torch.manual_seed(seed)
-    lin = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
+    lin = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16, device=DEVICE)
     # Channels of very different magnitudes, as real weights have: per-channel scales matter.
     with torch.no_grad():
         lin.weight.mul_(torch.logspace(-2, 1, out_features, dtype=torch.bfloat16)[:, None])
@@ -39,11 +40,12 @@ def linear(out_features: int, in_features: int, seed: int) -> nn.Linear:
 
 def activations(rows: int, features: int, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
-    return (torch.randn(rows, features) * torch.logspace(-1, 2, rows)[:, None]).bfloat16()
+    x = torch.randn(rows, features) * torch.logspace(-1, 2, rows)[:, None]
+    return x.bfloat16().to(DEVICE)
 
 
 def test_quantize_rows_round_trip_within_e4m3_rounding() -> None:
-    x = activations(16, 256, seed=0).float()
+    x = activations(16, 256, seed=0).float().cpu()
     x[3] = 0.0  # a zero row must not divide by zero
     q, scale = quantize_rows(x)
     assert q.dtype == FP8 and scale.shape == (16, 1) and scale.dtype == torch.float32
@@ -73,6 +75,21 @@ def test_fp8_linear_matches_dequantize_then_matmul() -> None:
     # Against the bf16 Linear itself: fp8 rounding of both operands, a few percent.
     exact = lin(x).float()
     assert ((out.float() - exact).norm() / exact.norm()).item() < 0.06
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Triton quantiser runs on CUDA")
+def test_activation_kernel_equals_quantize_rows() -> None:
+    from worker.model.fp8 import quantize_activation
+
+    for cols in (64, 4096, 14336):  # a block per row, up to the MLP's width
+        x = activations(9, cols, seed=cols)
+        x[2] = 0.0
+        q, scale = quantize_activation(x)
+        q_ref, scale_ref = quantize_rows(x)
+        torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+        # Triton's fp32 division may differ from torch's in the last bit: one e4m3 step at most.
+        step = q_ref.float().abs() * 2**-3 + 2**-9
+        assert torch.all((q.float() - q_ref.float()).abs() <= step)
 
 
 def test_fp8_linear_keeps_leading_dims() -> None:

@@ -3,15 +3,13 @@
 :class:`Fp8Linear` replaces the language model's ``nn.Linear`` layers; its forward quantises
 each activation row with a scale of its own and runs one tensor-core GEMM, ``torch._scaled_mm``
 with rowwise scales (fp32 ``[rows, 1]`` for the activation, ``[1, out]`` for the weight). On
-CUDA the activation quantisation (amax, scale, cast) is one compiled kernel. Nothing in the
+CUDA the activation quantisation (amax, scale, cast) is one Triton kernel. Nothing in the
 forward syncs with the host or branches on values, so it runs inside the engine's CUDA graphs.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,25 +36,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-@functools.cache
-def _compiled_quantize_rows(
-    device: torch.device,
-) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    compiled = torch.compile(quantize_rows, dynamic=True)
-    try:  # a probe compiles it now, so a missing compiler shows at once
-        compiled(torch.ones(2, 16, dtype=torch.bfloat16, device=device))
-    except Exception as exc:  # any compiler failure means: quantise eagerly
-        logger.warning("fp8 activations are quantised by eager ops: compiling failed: %s", exc)
-        return quantize_rows
-    return compiled
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of an activation: one Triton kernel on CUDA, torch ops elsewhere."""
+    if x.device.type != "cuda":
+        return quantize_rows(x)
+    from worker.model.fp8_kernel import quantize_rows_kernel  # Triton: CUDA hosts only
 
-
-def row_quantizer(
-    device: torch.device,
-) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`quantize_rows` compiled into one kernel on CUDA (eager ops where compiling
-    fails, with the reason logged), as written elsewhere."""
-    return _compiled_quantize_rows(device) if device.type == "cuda" else quantize_rows
+    return quantize_rows_kernel(x, FP8, FP8_MAX, _MIN_AMAX)
 
 
 class Fp8Linear(nn.Module):
@@ -84,7 +70,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        q, scale = row_quantizer(rows.device)(rows)
+        q, scale = quantize_activation(rows)
         # weight.t() of a row-major [out, in] is the column-major [in, out] _scaled_mm wants.
         out = torch._scaled_mm(
             q, self.weight.t(), scale_a=scale, scale_b=self.scale, out_dtype=torch.bfloat16
@@ -120,7 +106,6 @@ def quantize_language_model(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
-        row_quantizer(parent.get_submodule(child).weight.device)  # compiled at load, not mid-run
     return len(targets)
 
 
