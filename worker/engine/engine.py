@@ -104,11 +104,23 @@ class _Running:
     request: GenerationRequest
     prompt_tokens: int
     tokens: list[int]
+    pending: int = 0  # decode steps launched for it whose token is not read back yet
 
     @property
     def position(self) -> int:
-        """Where the next decode input (the last generated token) goes in the slot's cache."""
-        return self.prompt_tokens + len(self.tokens) - 1
+        """Where the next decode input (the last generated token) goes in the slot's cache:
+        after the tokens read back and those of the steps still in flight."""
+        return self.prompt_tokens + len(self.tokens) - 1 + self.pending
+
+
+@dataclass
+class _Launched:
+    """A decode step queued on the GPU whose tokens are not read back yet: the rows it ran
+    (slot index, request) and its tokens, copied to the host when ``copied`` is done."""
+
+    rows: list[tuple[int, _Running]]
+    tokens: torch.Tensor
+    copied: torch.cuda.Event | None
 
 
 class ContinuousEngine:
@@ -202,6 +214,13 @@ class ContinuousEngine:
         self._admission: _Admission | None = None
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
         self._last_decode: float | None = None  # when the last decode step with rows ended
+        # The step in flight: the next one is launched before its tokens are read, so the GPU
+        # does not wait for the host's bookkeeping between steps.
+        self._launched: _Launched | None = None
+        pin = self.device.type == "cuda"
+        self._host_tokens = [
+            torch.empty(self.max_slots, dtype=torch.long, pin_memory=pin) for _ in range(2)
+        ]
 
     # -- public API -----------------------------------------------------------------------
 
@@ -311,7 +330,9 @@ class ContinuousEngine:
         with torch.inference_mode(), self._on_decode_stream():
             self._admit()
             finished = self._decode() if self.active else []
-            self._compact()
+            if not self.active:
+                self._launched = None  # ran only rows that had finished: nothing to read
+            finished += self._compact()
         with self._lock:
             finished, self._returned = self._returned + finished, []
             self._keys.difference_update(f.key for f in finished)
@@ -566,7 +587,24 @@ class ContinuousEngine:
     # -- decode -----------------------------------------------------------------------------
 
     def _decode(self) -> list[FinishedRequest]:
+        """Launch a step for the live rows, then read back the step launched before it (EOS is
+        seen a step late: a row that ended runs one more step, whose token is dropped)."""
         start = time.perf_counter()
+        previous, self._launched = self._launched, self._launch()
+        finished = self._read(previous) if previous is not None else []
+        end = time.perf_counter()
+        stats = self.stats
+        stats.decode_steps += 1
+        stats.decode_ms += (end - start) * 1000.0
+        if self._last_decode is not None:
+            gap_ms = (end - self._last_decode) * 1000.0
+            stats.longest_decode_gap_ms = max(stats.longest_decode_gap_ms, gap_ms)
+        self._last_decode = end if self.active else None
+        return finished
+
+    def _launch(self) -> _Launched:
+        """Queue one decode step for every live row, its sampling and the copy of its tokens
+        to the host; no sync."""
         cache = self.cache
         live = [(i, slot) for i, slot in enumerate(self._slots) if slot is not None]
         rows = live[-1][0] + 1
@@ -584,20 +622,31 @@ class ContinuousEngine:
         )
         cache.tokens[:bucket].copy_(tokens)
         cache.positions[:bucket] += cache.active[:bucket]
-        host_tokens = tokens[:rows].tolist()
+        for _, running in live:
+            running.pending += 1
+        # Two host buffers in turn: one is read while the next step's copy fills the other.
+        host = self._host_tokens[self.stats.decode_steps % 2][:rows]
+        host.copy_(tokens[:rows], non_blocking=self.device.type == "cuda")
+        copied = None
+        if self.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        return _Launched(live, host, copied)
+
+    def _read(self, launched: _Launched) -> list[FinishedRequest]:
+        """Take a launched step's tokens: each row still held by the request it ran for gets
+        its token; the others (ended, aborted) are dropped."""
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        tokens = launched.tokens.tolist()
         finished = []
-        for index, running in live:
-            done = self._append(index, running, host_tokens[index])
+        for index, running in launched.rows:
+            running.pending -= 1
+            if self._slots[index] is not running:
+                continue
+            done = self._append(index, running, tokens[index])
             if done is not None:
                 finished.append(done)
-        end = time.perf_counter()
-        stats = self.stats
-        stats.decode_steps += 1
-        stats.decode_ms += (end - start) * 1000.0
-        if self._last_decode is not None:
-            gap_ms = (end - self._last_decode) * 1000.0
-            stats.longest_decode_gap_ms = max(stats.longest_decode_gap_ms, gap_ms)
-        self._last_decode = end if self.active else None
         return finished
 
     def _append(self, slot: int, running: _Running, token: int) -> FinishedRequest | None:
@@ -610,15 +659,22 @@ class ContinuousEngine:
         self.cache.release(slot)
         return FinishedRequest(running.key, running.tokens, running.prompt_tokens)
 
-    def _compact(self) -> None:
+    def _compact(self) -> list[FinishedRequest]:
         """Move the highest running slots into lower free ones while that shrinks the decode
-        bucket: rows are slots, so holes below the highest running slot cost compute."""
+        bucket: rows are slots, so holes below the highest running slot cost compute. A move
+        first reads back the step in flight (its rows are known by slot); returns what that
+        finished."""
         buckets = self._graphs.rows
+        finished: list[FinishedRequest] = []
         while True:
             live = [i for i, slot in enumerate(self._slots) if slot is not None]
             held = len(live) + len(self._reserved)
             if not live or pick(buckets, live[-1] + 1) <= pick(buckets, held):
-                return
+                return finished
+            if self._launched is not None:
+                launched, self._launched = self._launched, None
+                finished += self._read(launched)
+                continue
             src = live[-1]
             dst = next(
                 i for i, slot in enumerate(self._slots) if slot is None and i not in self._reserved
