@@ -76,6 +76,18 @@ def test_double_quantisation_stays_on_bitsandbytes() -> None:
         from_bnb(parent[0])
 
 
+def test_a_kernel_that_fails_its_probe_leaves_every_module_on_bitsandbytes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import worker.engine.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "kernel_failure", lambda linear: "it is off by 0.5 at 16 rows")
+    parent = torch.nn.Sequential(_bnb_linear(16, 256), _bnb_linear(16, 256))
+    assert adopt_bnb_linears(parent) == 0
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in parent)
+    assert "bitsandbytes' kernels are: it is off by 0.5" in caplog.text
+
+
 def test_fused_nf4_is_the_linears_concatenated() -> None:
     torch.manual_seed(0)
     bnbs = [_bnb_linear(rows, 128) for rows in (32, 16, 16)]

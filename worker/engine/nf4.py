@@ -98,9 +98,38 @@ def from_bnb(module: nn.Module) -> Nf4Linear:
     return Nf4Linear(packed, absmax, state.code, state.dtype)
 
 
+# The start-up probe's tolerance: max |kernel - reference| / max |reference| (fp32 sums of
+# bf16 products in another order differ by far less).
+PROBE_TOLERANCE = 1e-2
+
+
+def kernel_failure(linear: Nf4Linear) -> str | None:
+    """Why the Triton kernel cannot serve ``linear`` here, or None: it must compile and match
+    dequantise-then-matmul at a GEMV and a tiled row count. Only on CUDA (elsewhere the
+    Linear runs the reference itself)."""
+    if linear.packed.device.type != "cuda":
+        return None
+    weight = linear.dequantized()
+    generator = torch.Generator(device=weight.device).manual_seed(0)
+    try:
+        for rows in (1, 16):
+            x = torch.randn(rows, linear.in_features, generator=generator, device=weight.device).to(
+                linear.dtype
+            )
+            reference = F.linear(x.float(), weight.float())
+            error = (linear(x).float() - reference).abs().max() / reference.abs().max()
+            if not error <= PROBE_TOLERANCE:
+                return f"it is off by {error:.3g} of the output at {rows} rows"
+    except Exception as exc:  # a compiler or launch failure: serve with bitsandbytes instead
+        return f"it failed: {exc}"
+    return None
+
+
 def adopt_bnb_linears(root: nn.Module) -> int:
     """Replace every bitsandbytes ``Linear4bit`` under ``root`` in the format the kernel reads
-    by its :class:`Nf4Linear`, logging why any other stays; returns how many were replaced."""
+    by its :class:`Nf4Linear`, logging why any other stays; returns how many were replaced.
+    On CUDA a probe of the kernel (:func:`kernel_failure`) comes first: if it fails, every
+    module stays on bitsandbytes, with the reason logged."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -111,6 +140,11 @@ def adopt_bnb_linears(root: nn.Module) -> int:
         for name, child in parent.named_children()
         if isinstance(child, Linear4bit)
     ]
+    eligible = [child for _, _, child in targets if not unsupported(child)]
+    failure = kernel_failure(from_bnb(eligible[0])) if eligible else None
+    if failure:
+        logger.warning("the NF4 kernel is not used, bitsandbytes' kernels are: %s", failure)
+        return 0
     kept: dict[str, int] = {}
     for parent, name, child in targets:
         reason = unsupported(child)
