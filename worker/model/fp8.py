@@ -9,6 +9,7 @@ forward syncs with the host or branches on values, so it runs inside the engine'
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -37,12 +38,35 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows` of an activation: one Triton kernel on CUDA, torch ops elsewhere."""
-    if x.device.type != "cuda":
+    """:func:`quantize_rows` of an activation: one Triton kernel on CUDA where its probe passed
+    (:func:`kernel_serves`), torch ops elsewhere."""
+    if x.device.type != "cuda" or not kernel_serves(x.device):
         return quantize_rows(x)
     from worker.model.fp8_kernel import quantize_rows_kernel  # Triton: CUDA hosts only
 
     return quantize_rows_kernel(x, FP8, FP8_MAX, _MIN_AMAX)
+
+
+@functools.cache
+def kernel_serves(device: torch.device) -> bool:
+    """Whether the Triton quantiser compiles on ``device`` and agrees with
+    :func:`quantize_rows` (scales equal, codes within one e4m3 step); probed once, at load."""
+    x = torch.linspace(-3.0, 5.0, 3 * 640, device=device).view(3, 640).bfloat16()
+    try:
+        from worker.model.fp8_kernel import quantize_rows_kernel
+
+        q, scale = quantize_rows_kernel(x, FP8, FP8_MAX, _MIN_AMAX)
+        q_ref, scale_ref = quantize_rows(x)
+        step = q_ref.float().abs() * 2**-3 + 2**-9
+        agrees = torch.allclose(scale, scale_ref) and bool(
+            ((q.float() - q_ref.float()).abs() <= step).all()
+        )
+    except Exception as exc:  # a compiler or launch failure: quantise with torch ops instead
+        logger.warning("fp8 activations are quantised by torch ops: the kernel failed: %s", exc)
+        return False
+    if not agrees:
+        logger.warning("fp8 activations are quantised by torch ops: the kernel disagreed")
+    return agrees
 
 
 class Fp8Linear(nn.Module):
@@ -106,6 +130,10 @@ def quantize_language_model(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
+    devices = {model.get_submodule(name).weight.device for name in targets}
+    for device in devices:
+        if device.type == "cuda":
+            kernel_serves(device)  # probed at load, not inside a CUDA graph capture
     return len(targets)
 
 
