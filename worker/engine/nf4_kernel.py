@@ -56,9 +56,8 @@ def _nf4_gemv(
             other=0.0,
         )
         w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BN, BK, BS)
-        w = w.to(x_ptr.dtype.element_ty).to(
-            tl.float32
-        )  # the weight's rounding in the compute dtype
+        # The weight rounded to the compute dtype, as the dequantised reference weight is.
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(
