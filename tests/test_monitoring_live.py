@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import flower_snapshot
 from producer.client import Client
 from producer.config import Settings
 
@@ -59,13 +60,15 @@ def env(redis_url: str) -> dict[str, str]:
 
 @pytest.fixture
 def flower(redis_url: str, tmp_path: Path) -> Iterator[str]:
-    """Plain Flower (Celery's default settings) on the test Redis; yields its base URL."""
+    """Plain Flower (Celery's default settings, its tasks API open as the bench's snapshot
+    opens it) on the test Redis; yields its base URL."""
     port = free_port()
     log = (tmp_path / "flower.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", f"--broker={redis_url}", "flower",
          "--address=127.0.0.1", f"--port={port}"],
-        env=env(redis_url), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**env(redis_url), "FLOWER_UNAUTHENTICATED_API": "true"},
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         yield f"http://127.0.0.1:{port}"
@@ -170,6 +173,17 @@ def test_flower_metrics_top_and_report_show_a_live_worker(
     chromium("--window-size=1280,720", f"--screenshot={shot}", f"{flower}/tasks")
     with Image.open(shot) as img:
         assert img.size == (1280, 720)
+    # The bench's snapshot of Flower's pages (README's GPU screenshot), and its rendering.
+    saved = tmp_path / "snapshot"
+    saved.mkdir()
+    flower_snapshot.snapshot(flower, saved, {})
+    (page_file,) = saved.glob("worker-*.html")
+    assert other_stats(page_file.read_text())["vlmq_tasks_total"] == str(TASKS)
+    assert "answer_tokens" in (saved / "task.html").read_text()
+    rendered = tmp_path / "worker.png"
+    assert flower_snapshot.main(["render", str(page_file), str(rendered)]) == 0
+    with Image.open(rendered) as img:
+        assert img.size == (1280, 1100)
 
     # The worker's own /metrics.
     metrics = {
