@@ -14,7 +14,14 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from worker.engine.decode import DecodeStep
-from worker.engine.graphs import DecodeGraphs, batch_buckets, length_buckets, pick
+from worker.engine.graphs import (
+    ADMISSION_PRIORITY,
+    DECODE_PRIORITY,
+    DecodeGraphs,
+    batch_buckets,
+    length_buckets,
+    pick,
+)
 from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
 from worker.engine.inputs import PreparedRequest, prepare_request, to_device
 from worker.engine.parts import MllamaParts
@@ -194,8 +201,13 @@ class ContinuousEngine:
             self._prefill.capture()
         # Decode on a high-priority stream, admission on a low one: when both have kernels
         # ready, the GPU schedules decode's blocks first, so running answers keep stepping.
-        self._side_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
-        self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        # (Graph kernels run at the priority they were captured at: see capture_graphs.)
+        self._side_stream = (
+            torch.cuda.Stream(self.device, priority=ADMISSION_PRIORITY) if cuda else None
+        )
+        self._decode_stream = (
+            torch.cuda.Stream(self.device, priority=DECODE_PRIORITY) if cuda else None
+        )
         if self._decode_stream is not None:
             self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
         logger.info(

@@ -18,17 +18,29 @@ logger = logging.getLogger(__name__)
 
 StepFn = Callable[[int, int], torch.Tensor]
 Key = TypeVar("Key", bound=Hashable)
+# CUDA stream priorities (lower is higher): decode runs before admission where both have
+# kernels ready.
+DECODE_PRIORITY = -1
+ADMISSION_PRIORITY = 0
 
 
 def capture_graphs(
-    keys: Iterable[Key], run: Callable[[Key], torch.Tensor], device: torch.device
+    keys: Iterable[Key],
+    run: Callable[[Key], torch.Tensor],
+    device: torch.device,
+    priority: int = ADMISSION_PRIORITY,
 ) -> dict[Key, tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
     """Capture ``run(key)`` for each key on a memory pool of their own, each after one warm-up
     run (lazy inits and kernel selection off-graph); give the keys largest first, so smaller
-    shapes reuse the pool's memory. Each graph's output is overwritten by its next replay."""
+    shapes reuse the pool's memory. Each graph's output is overwritten by its next replay.
+
+    ``priority`` is the one the graphs' kernels run at, wherever they are replayed: PyTorch
+    instantiates graphs with ``cudaGraphInstantiateFlagUseNodePriority``, so each kernel keeps
+    the priority of the stream it was captured on, not that of the stream it is replayed on.
+    """
     graphs = {}
     pool = torch.cuda.graph_pool_handle()
-    stream = torch.cuda.Stream(device)
+    stream = torch.cuda.Stream(device, priority=priority)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         for key in keys:
@@ -88,7 +100,9 @@ class DecodeGraphs:
         start = time.perf_counter()
         keys = [(rows, length) for rows in reversed(self.rows) for length in reversed(self.lengths)]
         device = torch.device("cuda", torch.cuda.current_device())
-        self._graphs = capture_graphs(keys, lambda key: self.step(*key), device)
+        self._graphs = capture_graphs(
+            keys, lambda key: self.step(*key), device, priority=DECODE_PRIORITY
+        )
         self.capture_s = time.perf_counter() - start
         logger.info(
             "captured %d decode graphs (rows %s x lengths %s) in %.1f s",
