@@ -297,6 +297,39 @@ def probe_step_ms(
     return out
 
 
+def probe_full_batch(
+    target: Target, spec: RequestSpec, data: bytes, rows: int, *, k: int
+) -> dict[str, float]:
+    """Decode ms per step with ``rows`` rows decoding and nothing being admitted: ``rows``
+    requests of one image (encoded once, its cross-attention cache copied to every slot) with
+    answers of ``k``, then of ``2 k`` tokens. Every request is admitted within the first ``k``
+    steps, so the longer run adds ``k`` steps at ``rows`` rows: (time(2 k) - time(k)) / k, and
+    with an engine its timer's difference over its step count's (``engine_step_ms``)."""
+
+    def run(tokens: int) -> tuple[float, dict[str, float] | None]:
+        request = (dataclasses.replace(spec, answer_tokens=tokens), data)
+        before = target.engine_counters()
+        t0 = time.perf_counter()
+        outcomes = serve_now(target, [request] * rows)
+        seconds = time.perf_counter() - t0
+        errors = [o.error for o in outcomes if o.error is not None]
+        if errors:
+            raise RuntimeError(f"{target.label}: a full-batch probe request failed: {errors[0]}")
+        after = target.engine_counters()
+        delta = {name: after[name] - before[name] for name in after} if before and after else None
+        return seconds, delta
+
+    short, short_counters = run(k)
+    long, long_counters = run(2 * k)
+    out = {"rows": rows, "k": k, "step_ms": (long - short) / k * 1000.0}
+    if short_counters and long_counters:
+        steps = long_counters["decode_steps"] - short_counters["decode_steps"]
+        if steps > 0:
+            ms = long_counters["decode_ms"] - short_counters["decode_ms"]
+            out["engine_step_ms"] = ms / steps
+    return out
+
+
 def warm_up(target: Target, spec: RequestSpec, data: bytes) -> float:
     """One short request, so kernels and allocator are warm; returns its seconds."""
     return serve_alone(target, dataclasses.replace(spec, answer_tokens=2), data)[0]

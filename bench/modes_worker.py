@@ -8,7 +8,14 @@ import time
 
 import torch
 
-from bench.drive import Schedule, drive, probe_step_ms, serve_alone, warm_up
+from bench.drive import (
+    Schedule,
+    drive,
+    probe_full_batch,
+    probe_step_ms,
+    serve_alone,
+    warm_up,
+)
 from bench.model_factory import weight_bytes
 from bench.models import ensure_batch, fitting_worker_target, free_model
 from bench.progress import log
@@ -47,6 +54,14 @@ def mode_c(bench: Bench, key: str) -> None:
             f"{p.get('engine_step_ms', float('nan')):.1f} ms), first token "
             f"{p['first_token_ms']:.0f} ms; a lone request of {bench.median_answer} tokens: "
             f"{mode['lone']['latency_s']:.2f} s")  # fmt: skip
+        full = mode["probe_full"] = probe_full_batch(
+            target, bench.probe_spec, bench.fresh_images(1)[0], target.max_batch,
+            k=2 * bench.args.probe_tokens,
+        )  # fmt: skip
+        log(
+            f"c: {full['rows']} rows decoding, nothing admitted: {full['step_ms']:.1f} ms per "
+            f"step (engine timer {full.get('engine_step_ms', float('nan')):.1f} ms)"
+        )
         runs = closed_and_rates(bench, key, target, rates(bench.args.rates_c), stop_at)
     finally:
         target = None

@@ -243,6 +243,13 @@ def targets(results: dict) -> list[dict]:
         h.get("engine_step_ms"), "{:.2f}", "-", None, "the engine's timer")  # fmt: skip
     row(f"bandwidth floor at the saturated batch {_f(at.get('batch'))} (c)", at.get("floor_ms"),
         "{:.2f}", "-", None, "weights + that many requests' caches")  # fmt: skip
+    full, full_floor = c.get("probe_full") or {}, floor.get("full_batch") or {}
+    engine_ms, floor_ms = full.get("engine_step_ms"), full_floor.get("floor_ms")
+    note = f"wall {_f(full.get('step_ms'), '{:.2f}')} ms; floor {_f(floor_ms, '{:.2f}')} ms"
+    if engine_ms and floor_ms:
+        note += f"; {engine_ms / floor_ms:.2f}x the floor"
+    row(f"engine ms/step at {full.get('rows', '-')} decoding rows, nothing admitted (c)",
+        engine_ms, "{:.2f}", "-", None, note)  # fmt: skip
     ratios = c.get("ratios") or {}
     for base, key in (("a", "vs_a"), ("b", "vs_b"), ("cb", None)):
         value = ratios.get(f"output_tokens_per_s_vs_{base}")
