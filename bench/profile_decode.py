@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from bench.model_factory import build_config, build_processor, build_random_model
+from bench.bandwidth import decode_floor_ms, measure_copy_bandwidth
+from bench.model_factory import (
+    build_config,
+    build_processor,
+    build_random_model,
+    cache_bytes,
+    weight_bytes,
+)
 from worker.engine import ContinuousEngine
 from worker.engine.decode import DecodeStep
 from worker.engine.graphs import DecodeGraphs
@@ -109,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     model = build_random_model(build_config(args.model), device=args.device, dtype=dtype)
     processor = build_processor(model.config.vision_config.image_size)
     build_s = time.perf_counter() - t0
+    # The floor: each step reads the decode weights, and per row a full image's cross K/V and
+    # the span's self K/V, at the measured bandwidth.
+    bandwidth = measure_copy_bandwidth(args.device)["bytes_per_s"]
+    cache = cache_bytes(model.config)
+    floors = {
+        rows: decode_floor_ms(
+            weight_bytes=weight_bytes(model)["decode"],
+            batch=rows,
+            cross_bytes_per_image=cache["cross_per_image"],
+            self_bytes_per_token=cache["self_per_token"],
+            context_tokens=args.length,
+            bytes_per_s=bandwidth,
+        )["floor_ms"]
+        for rows in rows_list
+    }
     t0 = time.perf_counter()
     # The engine's own graphs are not needed here: DecodeGraphs below captures a few buckets.
     engine = ContinuousEngine(
@@ -128,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_build_s": build_s,
         "engine_ready_s": ready_s,
         "split_kv": worker_step.split_kv is not None,
+        "bandwidth_bytes_per_s": bandwidth,
+        "floor_ms": floors,
         "variants": {},
     }
     with torch.inference_mode():
@@ -186,6 +210,17 @@ def to_markdown(report: dict, rows_list: list[int]) -> str:
             for r in rows_list
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    floors = report["floor_ms"]
+    lines.append("| floor | " + " | ".join(f"{floors[r]:.2f}" for r in rows_list) + " |")
+    worker = variants.get("worker step", {}).get("step_ms")
+    if worker:
+        ratios = " | ".join(f"{worker[r] / floors[r]:.2f}x" for r in rows_list)
+        lines.append(f"| worker step / floor | {ratios} |")
+    lines += [
+        "",
+        f"Floor: the decode weights, and per row a full image's cross K/V and {report['length']} "
+        f"tokens of self K/V, at the measured {report['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s.",
+    ]
     for label, entry in variants.items():
         for key, title in (("profile_rows1", "rows 1"), ("profile_rows_max", "largest rows")):
             if key not in entry:

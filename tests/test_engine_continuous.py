@@ -42,9 +42,36 @@ def loaded(tiny_model_dir: Path):
     return load_model(str(tiny_model_dir), precision="fp32", device=DEVICE)
 
 
+def hf_greedy(
+    model, processor, request: GenerationRequest, eos: tuple[int, ...] | None = None
+) -> list[int]:
+    """HF ``generate`` (greedy) for one request alone: its answer tokens, up to the first of
+    ``eos`` (default: the model's end-of-sequence ids) included."""
+    inputs = processor(
+        images=[[request.image]],
+        text=[prompt_text(processor, request.question)],
+        add_special_tokens=False,
+        return_tensors="pt",
+    ).to(model.device)
+    eos_ids = list(eos) if eos else model.generation_config.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=request.max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=model.generation_config.pad_token_id,
+        )
+    tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[: index + 1]
+    return tokens
+
+
 @pytest.fixture(scope="module")
 def reference(loaded):
-    """HF ``generate`` (greedy) for one request alone: its answer tokens, EOS included."""
+    """:func:`hf_greedy` on the loaded model, each request computed once."""
     model, processor = loaded
     cache: dict[tuple, list[int]] = {}
 
@@ -52,27 +79,7 @@ def reference(loaded):
         # By the pixels: an id() is reused once a test's image is freed.
         key = (image_key(request.image), request.question, request.max_new_tokens, eos)
         if key not in cache:
-            inputs = processor(
-                images=[[request.image]],
-                text=[prompt_text(processor, request.question)],
-                add_special_tokens=False,
-                return_tensors="pt",
-            ).to(model.device)
-            eos_ids = list(eos) if eos else model.generation_config.eos_token_id
-            with torch.inference_mode():
-                out = model.generate(
-                    **inputs,
-                    do_sample=False,
-                    max_new_tokens=request.max_new_tokens,
-                    eos_token_id=eos_ids,
-                    pad_token_id=model.generation_config.pad_token_id,
-                )
-            tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
-            for index, token in enumerate(tokens):
-                if token in eos_ids:
-                    tokens = tokens[: index + 1]
-                    break
-            cache[key] = tokens
+            cache[key] = hf_greedy(model, processor, request, eos)
         return cache[key]
 
     return run

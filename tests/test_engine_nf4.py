@@ -180,8 +180,9 @@ def _quantise_text_linears(model) -> dict[str, torch.Tensor]:
 def test_engine_on_bnb_nf4_weights_equals_generate_on_their_dequantised_form(tiny_model_dir):
     """The engine adopts bitsandbytes' modules, fuses them and (on the CPU) decodes with
     dequantise-then-matmul: the same tokens as HF on plain Linears of the dequantised weights."""
+    from test_engine_continuous import hf_greedy
+
     from worker.engine import ContinuousEngine
-    from worker.engine.inputs import prompt_text
     from worker.model.generation import GenerationRequest
     from worker.model.loading import load_model
 
@@ -204,17 +205,7 @@ def test_engine_on_bnb_nf4_weights_equals_generate_on_their_dequantised_form(tin
     while engine.has_work():
         results |= {done.key: done for done in engine.step_outputs()}
     for key, request in requests.items():
-        inputs = processor(
-            images=[[request.image]],
-            text=[prompt_text(processor, request.question)],
-            add_special_tokens=False,
-            return_tensors="pt",
-        )
-        with torch.inference_mode():
-            out = reference_model.generate(
-                **inputs, do_sample=False, max_new_tokens=request.max_new_tokens
-            )
-        expected = out[0, inputs["input_ids"].shape[1] :].tolist()
+        expected = hf_greedy(reference_model, processor, request)
         tokens = results[key].token_ids
         assert tokens and tokens == expected[: len(tokens)], key
 

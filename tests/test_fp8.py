@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_continuous import DEVICE, drain, make_requests
+from test_engine_continuous import DEVICE, drain, hf_greedy, make_requests
 from torch import nn
 
 from producer.errors import ConfigurationError
@@ -166,25 +166,6 @@ def test_engine_runs_fp8_with_fused_projections(models) -> None:
     # The fused GEMMs round differently from HF's separate ones, so a near-tie of the tiny
     # random model may flip a token and the rest of that answer; measured 66 of 67 equal.
     assert same >= 0.9 * total, (same, total)
-
-
-def hf_greedy(model, processor, request) -> list[int]:
-    inputs = processor(
-        images=[[request.image]],
-        text=[prompt_text(processor, request.question)],
-        add_special_tokens=False,
-        return_tensors="pt",
-    ).to(model.device)
-    eos = model.generation_config.eos_token_id
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            do_sample=False,
-            max_new_tokens=request.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=model.generation_config.pad_token_id,
-        )
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def test_fp8_is_refused_off_cuda(tiny_model_dir: Path) -> None:

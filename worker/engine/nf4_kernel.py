@@ -1,9 +1,9 @@
 """The NF4 matmul: ``y = x @ dequant(W)^T`` with the codes dequantised in registers.
 
-Two kernels share one dequantiser: a GEMV-style one for a few rows (broadcast multiply and sum,
-no tensor cores) and a tiled one feeding ``tl.dot`` (tensor cores). Both may split K across
-programs, each writing fp32 partials that one sum reduces, so a small matmul still fills the
-GPU. Launch configs are fixed per (rows, out, in), so a call captures in a CUDA graph.
+One kernel, two inner products over one dequantiser: GEMV-style for a few rows (broadcast
+multiply and sum, no tensor cores) or tiles feeding ``tl.dot`` (tensor cores). Both may split
+K across programs, each writing fp32 partials that one sum reduces, so a small matmul still
+fills the GPU. Launch configs are fixed per (rows, out, in), so a call captures in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -37,38 +37,10 @@ def _dequant_tile(
 
 
 @triton.jit(do_not_specialize=["M"])  # one compilation for every row count
-def _nf4_gemv(
+def _nf4_matmul(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, stride_xm, K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    k_len: tl.constexpr = K // SPLIT_K
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for step in range(0, k_len, BK):
-        k0 = pid_k * k_len + step
-        offs_k = k0 + tl.arange(0, BK)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=offs_m[:, None] < M,
-            other=0.0,
-        )
-        w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BN, BK, BS)
-        # The weight rounded to the compute dtype, as the dequantised reference weight is.
-        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(
-        out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
-    )
-
-
-@triton.jit(do_not_specialize=["M"])
-def _nf4_mma(
-    x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, stride_xm, K: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, SPLIT_K: tl.constexpr,
+    MMA: tl.constexpr,
 ):  # fmt: skip
     # Axis 0 over rows: programs launched together share a weight tile.
     pid_m = tl.program_id(0)
@@ -87,7 +59,12 @@ def _nf4_mma(
             other=0.0,
         )
         w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, k0, N, K, BN, BK, BS)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if MMA:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        else:
+            # The weight rounded to the compute dtype, as the dequantised reference weight is.
+            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(
         out, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -125,14 +102,8 @@ def nf4_matmul(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if config.kind == "gemv":
-        grid = (triton.cdiv(out_features, config.block_n), split)
-        _nf4_gemv[grid](*args, BM=gemv_rows(rows), **meta)
-    else:
-        grid = (
-            triton.cdiv(rows, config.block_m),
-            triton.cdiv(out_features, config.block_n),
-            split,
-        )
-        _nf4_mma[grid](*args, BM=config.block_m, **meta)
+    gemv = config.kind == "gemv"
+    block_m = gemv_rows(rows) if gemv else config.block_m
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(out_features, config.block_n), split)
+    _nf4_matmul[grid](*args, BM=block_m, MMA=not gemv, **meta)
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
