@@ -203,13 +203,11 @@ def closed_and_rates(
     b = target.max_batch
     if target.engine is not None:
         drain = bench.drain_estimate(key)
-        spare = (
-            stop_at
-            - time.time()
-            - bench.drain_estimate(key, queued=2 * b)
-            - len(fractions) * (a.rate_window_s + drain)
-        )
-        window = max(1.0, min(a.closed_window_s, spare))
+        left = stop_at - time.time() - bench.drain_estimate(key, queued=2 * b)
+        spare = left - len(fractions) * (a.rate_window_s + drain)
+        # The saturated figure is the one every ratio uses: it keeps at least half its window
+        # and the arrival rates give way (each is skipped once no time is left for it).
+        window = max(1.0, min(a.closed_window_s, max(spare, min(a.closed_window_s / 2, left))))
         n = bench.plan_closed(key, b, window)
         schedule = Schedule.closed(2 * b, window_s=window)
         log(f"{key}: closed loop of {2 * b} in flight for {window:.0f} s of arrivals")

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,30 +45,49 @@ TOLERANCE = 1e-2
 
 
 def candidates(rows: int, out_features: int, in_features: int) -> list[Nf4Config]:
-    """The engine's config first, then a few others of both kernels for this row count."""
+    """The engine's config first, then others of every kind that may serve this row count."""
     base = config_for(rows, out_features, in_features, BLOCKSIZE)
     shapes: list[tuple[str, int, int, int, int]]  # kind, block_m, block_n, block_k, warps
     if rows <= 8:
         product = GEMV_PRODUCT // gemv_rows(rows)  # block_n * block_k in the same registers
         shapes = [
-            ("gemv", 16, 64, product // 64, 4),
             ("gemv", 16, 16, product // 16, 4),
-            ("gemv", 16, 32, 2 * product // 32, 8),
+            ("gemv", 16, 32, product // 32, 4),
+            ("gemv", 16, 64, product // 64, 4),
+            ("gemv", 16, 64, 2 * product // 64, 8),
             ("mma", 16, 64, 128, 4),
         ]
     elif rows <= 64:
-        block_m = min(64, rows)
-        shapes = [("mma", block_m, 128, 64, 4), ("mma", block_m, 32, 256, 4)]
+        block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        shapes = [
+            ("mma", block_m, 64, 128, 4),
+            ("mma", block_m, 128, 64, 4),
+            ("mma", block_m, 32, 256, 4),
+            ("mma", block_m, 64, 256, 4),
+            ("mma", block_m, 128, 128, 8),
+        ]
     else:
-        shapes = [("mma", 64, 128, 64, 4), ("mma", 128, 64, 128, 8)]
-    # The engine's config with a shallower pipeline: its gathered code values fill shared memory.
-    found = [base, replace(base, num_stages=2)]
+        shapes = [
+            ("mma", 64, 128, 64, 4),
+            ("mma", 128, 64, 128, 8),
+            ("mma", 128, 128, 64, 8),
+            ("dequant", 0, 32, 512, 4),
+            ("dequant", 0, 64, 256, 4),
+            ("dequant", 0, 16, 1024, 4),
+        ]
+    found = [base]
     for kind, block_m, block_n, block_k, warps in shapes:
-        tiles = -(-out_features // block_n) * (-(-rows // block_m) if kind == "mma" else 1)
-        split = split_for(tiles, rows, in_features, block_k)
-        config = Nf4Config(kind, block_n, block_k, split, block_m, warps, base.num_stages)
-        if config.fits(in_features, BLOCKSIZE) and config not in found:
-            found.append(config)
+        if kind == "dequant":
+            configs = [Nf4Config(kind, block_n, block_k, num_warps=warps)]
+        else:
+            tiles = -(-out_features // block_n) * (-(-rows // block_m) if kind == "mma" else 1)
+            split = split_for(tiles, rows, in_features, block_k)
+            # Twice the split too: more programs in flight hide more memory latency.
+            configs = [
+                Nf4Config(kind, block_n, block_k, s, block_m, warps, base.num_stages)
+                for s in (split, 2 * split)
+            ]
+        found += [c for c in configs if c.fits(in_features, BLOCKSIZE) and c not in found]
     return found
 
 

@@ -121,13 +121,15 @@ def rate_rows(results: dict) -> list[list[str]]:
 ADMISSION_HEADER = [
     "mode", "run", "vision ms", "projector + cross K/V ms", "text prefill ms", "host ms",
     "longest decode gap ms", "gap in steps",
+    "of it admitting ms", "of it reading ms",
 ]  # fmt: skip
 
 
 def admission_rows(results: dict) -> list[list[str]]:
     """Per admitted request, one row per engine run: the GPU time of each admission phase
     (measured on the side stream, beside decode), the host time launching it, and the longest
-    stall of the decoding rows."""
+    stall of the decoding rows with how much of it the engine thread spent admitting and
+    taking the previous step's tokens (waiting for the GPU included)."""
     rows = []
     for key, s in _summaries(results):
         phases = s.get("admission_ms")
@@ -141,6 +143,8 @@ def admission_rows(results: dict) -> list[list[str]]:
                                                "text_prefill", "host")),
                 _f(s.get("longest_decode_gap_ms"), "{:.0f}"),
                 _f(s.get("longest_decode_gap_steps")),
+                _f(s.get("longest_gap_admit_ms"), "{:.0f}"),
+                _f(s.get("longest_gap_read_ms"), "{:.0f}"),
             ]
         )  # fmt: skip
     return rows

@@ -106,7 +106,7 @@ def test_fused_nf4_is_the_linears_concatenated() -> None:
 def test_every_default_config_fits_the_11b_shapes(rows, out_features, in_features) -> None:
     config = config_for(rows, out_features, in_features, 64)
     assert config.fits(in_features, 64)
-    assert config.kind == ("gemv" if rows <= 8 else "mma")
+    assert config.kind == ("gemv" if rows <= 8 else "mma" if rows <= 128 else "dequant")
 
 
 def test_a_config_that_does_not_fit_falls_back_to_one_block_steps() -> None:
@@ -120,6 +120,7 @@ KERNEL_CASES = [
     (8, Nf4Config("gemv", 16, 128, split_k=2)),
     (5, Nf4Config("mma", 16, 64, block_m=16)),
     (20, Nf4Config("mma", 32, 128, split_k=2, block_m=16)),
+    (130, Nf4Config("dequant", 32, 128)),
 ]
 
 

@@ -34,7 +34,8 @@ def linear(out_features: int, in_features: int, seed: int) -> nn.Linear:
     lin = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16, device=DEVICE)
     # Channels of very different magnitudes, as real weights have: per-channel scales matter.
     with torch.no_grad():
-        lin.weight.mul_(torch.logspace(-2, 1, out_features, dtype=torch.bfloat16)[:, None])
+        scales = torch.logspace(-2, 1, out_features, dtype=torch.bfloat16, device=DEVICE)
+        lin.weight.mul_(scales[:, None])
     return lin
 
 

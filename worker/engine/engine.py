@@ -46,6 +46,10 @@ class EngineStats:
     text_prefill_ms: float = 0.0  # GPU time of the prompts' prefill and first-token sampling
     admission_host_ms: float = 0.0  # host time launching admissions (no GPU wait)
     longest_decode_gap_ms: float = 0.0  # longest time between two decode steps of running rows
+    # Within that longest gap: the engine thread admitting, and taking the previous step's
+    # tokens (waiting for the GPU to finish it included); the rest is other host work.
+    longest_gap_admit_ms: float = 0.0
+    longest_gap_read_ms: float = 0.0
     decode_ms: float = 0.0
     decode_steps: int = 0
     tokens: int = 0  # generated tokens, first tokens included
@@ -226,6 +230,7 @@ class ContinuousEngine:
         self._admission: _Admission | None = None
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
         self._last_decode: float | None = None  # when the last decode step with rows ended
+        self._admit_ms = 0.0  # the last admission's time on the engine thread
         # The step in flight: the next one is launched before its tokens are read, so the GPU
         # does not wait for the host's bookkeeping between steps.
         self._launched: _Launched | None = None
@@ -373,7 +378,8 @@ class ContinuousEngine:
             self._admission = None
             if self.active:
                 break  # the next admission starts in the next step, beside its decode
-        self.stats.prefill_ms += _ms_since(start)
+        self._admit_ms = _ms_since(start)
+        self.stats.prefill_ms += self._admit_ms
 
     def _start_admission(self, batch: list[_Waiting]) -> _Admission | None:
         """Reserve slots and launch the batch's images; None if it failed (then handled)."""
@@ -603,6 +609,7 @@ class ContinuousEngine:
         seen a step late: a row that ended runs one more step, whose token is dropped)."""
         start = time.perf_counter()
         previous, self._launched = self._launched, self._launch()
+        launched = time.perf_counter()
         finished = self._read(previous) if previous is not None else []
         end = time.perf_counter()
         stats = self.stats
@@ -610,7 +617,10 @@ class ContinuousEngine:
         stats.decode_ms += (end - start) * 1000.0
         if self._last_decode is not None:
             gap_ms = (end - self._last_decode) * 1000.0
-            stats.longest_decode_gap_ms = max(stats.longest_decode_gap_ms, gap_ms)
+            if gap_ms > stats.longest_decode_gap_ms:
+                stats.longest_decode_gap_ms = gap_ms
+                stats.longest_gap_admit_ms = self._admit_ms
+                stats.longest_gap_read_ms = (end - launched) * 1000.0
         self._last_decode = end if self.active else None
         return finished
 

@@ -11,17 +11,20 @@ from typing import Literal
 
 # Enough programs to keep every SM of an H100 (132) or H200 busy at two per SM.
 TARGET_PROGRAMS = 264
-# The GEMV kernel holds a [rows, block_n, block_k] product in registers: at 4 warps, 8192
-# elements are 64 a thread, past which it spills.
+# From this many rows the weight is dequantised once and cuBLAS multiplies it (a prefill).
+DEQUANT_ROWS = 129
+# The GEMV kernel holds its even and odd columns' [rows, block_n, block_k / 2] products in
+# registers: at 4 warps, 8192 elements are 64 a thread, past which it spills.
 GEMV_PRODUCT = 8192
 
 
 @dataclass(frozen=True)
 class Nf4Config:
     """One launch: ``gemv`` (broadcast-and-sum, any rows) or ``mma`` (``tl.dot`` tiles of
-    ``block_m`` rows); K split over ``split_k`` programs whose fp32 partials are summed."""
+    ``block_m`` rows), K split over ``split_k`` programs whose fp32 partials are summed; or
+    ``dequant``: the weight dequantised in ``block_n`` x ``block_k`` tiles, then cuBLAS."""
 
-    kind: Literal["gemv", "mma"]
+    kind: Literal["gemv", "mma", "dequant"]
     block_n: int
     block_k: int
     split_k: int = 1
@@ -60,14 +63,16 @@ def gemv_rows(rows: int) -> int:
 
 def default_config(rows: int, out_features: int, in_features: int) -> Nf4Config:
     """An untuned config: GEMV up to 8 rows, tensor-core tiles beyond, K split while the
-    output tiles alone would leave SMs idle."""
+    output tiles alone would leave SMs idle; dequantise-then-cuBLAS from DEQUANT_ROWS."""
+    if rows >= DEQUANT_ROWS:
+        return Nf4Config("dequant", 32, 512)
     if rows <= 8:
         block_n = 32 if rows <= 4 else 16
         block_k = GEMV_PRODUCT // (gemv_rows(rows) * block_n)
         tiles = -(-out_features // block_n)
         return Nf4Config("gemv", block_n, block_k, split_for(tiles, rows, in_features, block_k))
     if rows > 64:
-        block_m, block_n, block_k, warps = 128, 128, 64, 8
+        block_m, block_n, block_k, warps = 128, 64, 128, 8
     else:
         block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
         block_n, block_k, warps = 64, 128, 4
