@@ -233,8 +233,7 @@ def drive(
     if counters0 is not None and counters1 is not None:
         run.engine = {k: counters1[k] - counters0[k] for k in ENGINE_COUNTERS}
         run.engine["longest_decode_gap_ms"] = target.engine.stats.longest_decode_gap_ms
-        for part in ("admit", "read"):
-            key = f"longest_gap_{part}_ms"
+        for key in ("longest_gap_admit_ms", "longest_gap_read_ms", "longest_gap_admit_parts"):
             run.engine[key] = getattr(target.engine.stats, key)
     return run
 

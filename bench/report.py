@@ -84,8 +84,8 @@ def summarize_run(run: dict, window: Callable[[float, float], dict] | None = Non
             out["longest_decode_gap_steps"] = (
                 engine["longest_decode_gap_ms"] / out["engine_step_ms"]
             )
-            out["longest_gap_admit_ms"] = engine.get("longest_gap_admit_ms")
-            out["longest_gap_read_ms"] = engine.get("longest_gap_read_ms")
+            for key in ("longest_gap_admit_ms", "longest_gap_read_ms", "longest_gap_admit_parts"):
+                out[key] = engine.get(key)
     if engine.get("admitted") and engine.get("vision_ms") is not None:
         # Per admitted request: GPU time of each admission phase, and host launch time.
         out["admission_ms"] = {

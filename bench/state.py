@@ -22,7 +22,7 @@ from bench.progress import elapsed, log
 from worker.settings import QUANTIZED, WorkerSettings
 
 #: Seconds each mode may take at most, model loads included (the run's deadline still rules).
-BUDGETS = {"a": 25, "b": 55, "c": 120, "cb": 45, "d": 125, "d2": 100, "nf4": 70, "fp8": 70}
+BUDGETS = {"a": 25, "b": 55, "c": 120, "cb": 45, "d": 125, "d2": 100, "nf4": 100, "fp8": 100}
 SMOKE_BUDGETS = {"a": 20, "b": 20, "c": 30, "cb": 20, "d": 60, "d2": 60, "nf4": 1, "fp8": 1}
 #: Least seconds left on the deadline for a mode to start at all.
 MIN_START = {"a": 10, "b": 20, "c": 40, "cb": 20, "d": 70, "d2": 60, "nf4": 50, "fp8": 50}

@@ -121,7 +121,7 @@ def rate_rows(results: dict) -> list[list[str]]:
 ADMISSION_HEADER = [
     "mode", "run", "vision ms", "projector + cross K/V ms", "text prefill ms", "host ms",
     "longest decode gap ms", "gap in steps",
-    "of it admitting ms", "of it reading ms",
+    "of it admitting ms (images / prompts / install)", "of it reading ms",
 ]  # fmt: skip
 
 
@@ -143,11 +143,19 @@ def admission_rows(results: dict) -> list[list[str]]:
                                                "text_prefill", "host")),
                 _f(s.get("longest_decode_gap_ms"), "{:.0f}"),
                 _f(s.get("longest_decode_gap_steps")),
-                _f(s.get("longest_gap_admit_ms"), "{:.0f}"),
+                _admitting(s.get("longest_gap_admit_ms"), s.get("longest_gap_admit_parts")),
                 _f(s.get("longest_gap_read_ms"), "{:.0f}"),
             ]
         )  # fmt: skip
     return rows
+
+
+def _admitting(total: float | None, parts: dict[str, float] | None) -> str:
+    if total is None:
+        return "-"
+    if not parts:
+        return f"{total:.0f}"
+    return f"{total:.0f} ({' / '.join(f'{ms:.0f}' for ms in parts.values())})"
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:

@@ -50,6 +50,9 @@ class EngineStats:
     # tokens (waiting for the GPU to finish it included); the rest is other host work.
     longest_gap_admit_ms: float = 0.0
     longest_gap_read_ms: float = 0.0
+    # The admitting of the longest gap by phase: launching images, launching prompts, and
+    # installing finished admissions (their first tokens read).
+    longest_gap_admit_parts: dict[str, float] = field(default_factory=dict)
     decode_ms: float = 0.0
     decode_steps: int = 0
     tokens: int = 0  # generated tokens, first tokens included
@@ -231,6 +234,7 @@ class ContinuousEngine:
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
         self._last_decode: float | None = None  # when the last decode step with rows ended
         self._admit_ms = 0.0  # the last admission's time on the engine thread
+        self._admit_parts: dict[str, float] = {}  # ... by phase
         # The step in flight: the next one is launched before its tokens are read, so the GPU
         # does not wait for the host's bookkeeping between steps.
         self._launched: _Launched | None = None
@@ -363,6 +367,7 @@ class ContinuousEngine:
         as its GPU work allows without waiting while rows decode, and start the next one. With
         nothing decoding, admission runs to completion at once."""
         start = time.perf_counter()
+        self._admit_parts = dict.fromkeys(("images", "prompts", "install"), 0.0)
         while True:
             if self._admission is None:
                 with self._lock:
@@ -391,7 +396,9 @@ class ContinuousEngine:
             with self._on_side_stream() as side:
                 clocks = self.images.encode(jobs)
                 ready = _record(side)
-            return _Admission(batch, slots, clocks, ready, _ms_since(start))
+            host_ms = _ms_since(start)
+            self._admit_parts["images"] += host_ms
+            return _Admission(batch, slots, clocks, ready, host_ms)
         except Exception as exc:
             self._release(slots)
             self._failed_admission(batch, exc)
@@ -435,6 +442,7 @@ class ContinuousEngine:
                 return True
             admission.clocks.append(clock)
             admission.host_ms += _ms_since(start)
+            self._admit_parts["prompts"] += _ms_since(start)
             if not (wait or admission.done()):
                 return False
         self._finish_admission(admission)
@@ -472,6 +480,7 @@ class ContinuousEngine:
             self._release(slots)
             self._failed_admission([w for w in batch if not w.aborted], exc)
             return
+        self._admit_parts["install"] += _ms_since(start)
         self._reserved.difference_update(slots)
         self._release([s for w, s in zip(batch, slots, strict=True) if w.aborted])
         stats = self.stats
@@ -620,6 +629,7 @@ class ContinuousEngine:
             if gap_ms > stats.longest_decode_gap_ms:
                 stats.longest_decode_gap_ms = gap_ms
                 stats.longest_gap_admit_ms = self._admit_ms
+                stats.longest_gap_admit_parts = dict(self._admit_parts)
                 stats.longest_gap_read_ms = (end - launched) * 1000.0
         self._last_decode = end if self.active else None
         return finished

@@ -1,11 +1,15 @@
-"""bitsandbytes' NF4 weights as a Linear of the engine's own, fusable and run by its own kernel.
+"""bitsandbytes' NF4 weights as a Linear of the engine's own: fusable, run by bitsandbytes' kernels.
 
 The format (``Params4bit`` with ``quant_type='nf4'``, no double quantisation): the [out, in]
 weight flattened row-major, two 4-bit codes per uint8 byte (high nibble first), quantised in
 blocks of ``blocksize`` consecutive elements with one fp32 absmax each; an element is
 ``code[nibble] * absmax[block]`` computed in fp32, then cast to the compute dtype.
 With ``in`` a multiple of the blocksize every block lies within one row, so packed rows (and
-their absmax) of several Linears concatenate along the output dim into one fused weight.
+their absmax) of several Linears concatenate along the output dim into one fused weight, which
+bitsandbytes' ``matmul_4bit`` multiplies as it would one ``Linear4bit``'s (q/k/v and gate/up
+then cost one call each). A Triton kernel of our own that dequantised in registers was 2.5-7x
+slower than bitsandbytes 0.50's kernels on an H100 at every row count from 1 to 64, and was
+dropped (BENCHMARKS.md, issue 12).
 """
 
 from __future__ import annotations
@@ -31,9 +35,8 @@ def dequantize_nf4(
 
 
 class Nf4Linear(nn.Module):
-    """``y = x @ dequant(W)^T`` (no bias) from NF4 codes; runs the Triton kernel on CUDA
-    (fp32 accumulation, no host sync, so it captures in a CUDA graph) and
-    dequantise-then-matmul elsewhere."""
+    """``y = x @ dequant(W)^T`` (no bias) from NF4 codes: bitsandbytes' ``matmul_4bit`` on CUDA
+    (no host sync, so it captures in a CUDA graph), dequantise-then-matmul elsewhere."""
 
     def __init__(
         self, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, dtype: torch.dtype
@@ -60,17 +63,30 @@ class Nf4Linear(nn.Module):
         return dequantize_nf4(self.packed, self.absmax, self.code, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
-            return F.linear(x, self.dequantized())
-        from worker.engine.nf4_kernel import nf4_matmul
+        if x.device.type == "cuda":
+            return self.bnb_matmul(x)
+        return F.linear(x, self.dequantized())
 
-        flat = x.reshape(-1, self.in_features)
-        y = nf4_matmul(flat, self.packed, self.absmax, self.code, self.blocksize)
-        return y.view(*x.shape[:-1], self.out_features)
+    def bnb_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' ``matmul_4bit`` on this Linear's storage, as a ``Linear4bit`` holding
+        it would run."""
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import QuantState
+
+        # Built per call: fusion re-points ``packed`` and ``absmax`` at the fused storage.
+        state = QuantState(
+            absmax=self.absmax.reshape(-1),
+            shape=torch.Size([self.out_features, self.in_features]),
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+        )
+        return bnb.matmul_4bit(x, self.packed.reshape(-1, 1).t(), quant_state=state)
 
 
 def unsupported(module: nn.Module) -> str | None:
-    """Why a bitsandbytes ``Linear4bit`` is not in the format the kernel reads, or None."""
+    """Why a bitsandbytes ``Linear4bit`` is not in the format :class:`Nf4Linear` reads, or None."""
     state = getattr(module.weight, "quant_state", None)
     if state is None:
         return "no quant_state (not quantised)"
@@ -90,7 +106,7 @@ def from_bnb(module: nn.Module) -> Nf4Linear:
     ValueError where :func:`unsupported` gives a reason."""
     reason = unsupported(module)
     if reason:
-        raise ValueError(f"the NF4 kernel cannot read this Linear4bit: it has {reason}")
+        raise ValueError(f"Nf4Linear cannot read this Linear4bit: it has {reason}")
     state = module.weight.quant_state
     out_features, in_features = state.shape
     packed = module.weight.data.view(out_features, in_features // 2)
@@ -104,9 +120,9 @@ PROBE_TOLERANCE = 1e-2
 
 
 def kernel_failure(linear: Nf4Linear) -> str | None:
-    """Why the Triton kernel cannot serve ``linear`` here, or None: it must compile and match
-    dequantise-then-matmul at a GEMV and a tiled row count. Only on CUDA (elsewhere the
-    Linear runs the reference itself)."""
+    """Why bitsandbytes' kernels cannot serve ``linear`` from its own storage here, or None:
+    they must match dequantise-then-matmul at one row (bitsandbytes' GEMV) and at 16. Only on
+    CUDA (elsewhere the Linear runs the reference itself)."""
     if linear.packed.device.type != "cuda":
         return None
     weight = linear.dequantized()
@@ -120,16 +136,16 @@ def kernel_failure(linear: Nf4Linear) -> str | None:
             error = (linear(x).float() - reference).abs().max() / reference.abs().max()
             if not error <= PROBE_TOLERANCE:
                 return f"it is off by {error:.3g} of the output at {rows} rows"
-    except Exception as exc:  # a compiler or launch failure: serve with bitsandbytes instead
+    except Exception as exc:  # a launch failure: the Linear4bit modules stay
         return f"it failed: {exc}"
     return None
 
 
 def adopt_bnb_linears(root: nn.Module) -> int:
-    """Replace every bitsandbytes ``Linear4bit`` under ``root`` in the format the kernel reads
-    by its :class:`Nf4Linear`, logging why any other stays; returns how many were replaced.
-    On CUDA a probe of the kernel (:func:`kernel_failure`) comes first: if it fails, every
-    module stays on bitsandbytes, with the reason logged."""
+    """Replace every bitsandbytes ``Linear4bit`` under ``root`` that :class:`Nf4Linear` can read
+    by one on its storage, logging why any other stays; returns how many were replaced.
+    On CUDA a probe (:func:`kernel_failure`) comes first: if it fails, every module stays a
+    ``Linear4bit`` (unfused), with the reason logged."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -143,7 +159,7 @@ def adopt_bnb_linears(root: nn.Module) -> int:
     eligible = [child for _, _, child in targets if not unsupported(child)]
     failure = kernel_failure(from_bnb(eligible[0])) if eligible else None
     if failure:
-        logger.warning("the NF4 kernel is not used, bitsandbytes' kernels are: %s", failure)
+        logger.warning("NF4 Linears stay bitsandbytes' modules, unfused: %s", failure)
         return 0
     kept: dict[str, int] = {}
     for parent, name, child in targets:
@@ -153,7 +169,7 @@ def adopt_bnb_linears(root: nn.Module) -> int:
         else:
             setattr(parent, name, from_bnb(child))
     for reason, count in kept.items():
-        logger.warning("%d Linear4bit modules stay on bitsandbytes' kernels: %s", count, reason)
+        logger.warning("%d Linear4bit modules stay as they are (unfused): %s", count, reason)
     return len(targets) - sum(kept.values())
 
 
