@@ -19,18 +19,15 @@ import argparse
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from bench import model_factory as mf
-from worker.engine.inputs import prompt_text
+from bench.quality import agreement, noise_image
 from worker.model.fp8 import (
     Fp8Linear,
     check_fp8_device,
@@ -134,49 +131,12 @@ def gemm_table(device: str) -> list[dict]:
     return results
 
 
-def noise_image(seed: int, size: int = 560) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-
-
 def quality(device: str, steps: int) -> dict:
     """Logits of fp8 against bf16 on the random 11B, teacher-forced on bf16's greedy tokens."""
-    t0 = time.perf_counter()
     model = mf.build_random_model(mf.build_config("11b"), device=device, dtype=torch.bfloat16)
-    processor = mf.build_processor()
-    inputs = processor(
-        images=[[noise_image(0)]],
-        text=[prompt_text(processor, "Describe this image in detail.")],
-        add_special_tokens=False,
-        return_tensors="pt",
-    ).to(device)
-    prompt = inputs["input_ids"].shape[1]
-    with torch.inference_mode():
-        tokens = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
-        mask = inputs["cross_attention_mask"]
-        full = {
-            **inputs,
-            "input_ids": tokens,
-            "attention_mask": torch.ones_like(tokens),
-            # Generated tokens see the image as the prompt's last token does (HF's rule).
-            "cross_attention_mask": torch.cat(
-                [mask, mask[:, -1:].expand(-1, tokens.shape[1] - prompt, -1, -1)], dim=1
-            ),
-        }
-        # Position p's logits predict token p + 1: the decode steps are prompt - 1 .. end - 1.
-        span = slice(prompt - 1, tokens.shape[1] - 1)
-        bf16 = model(**full).logits[0, span].float()
-        quantize_language_model(model)
-        fp8 = model(**full).logits[0, span].float()
-    rel = ((fp8 - bf16).norm(dim=-1) / bf16.norm(dim=-1)).cpu()
-    result = {
-        "steps": bf16.shape[0],
-        "prompt_tokens": prompt,
-        "rel_logits_err_mean": rel.mean().item(),
-        "rel_logits_err_max": rel.max().item(),
-        "top1_agreement": (fp8.argmax(-1) == bf16.argmax(-1)).float().mean().item(),
-        "seconds": time.perf_counter() - t0,
-    }
+    result = agreement(
+        model, mf.build_processor(), quantize_language_model, steps=steps, image=noise_image(0)
+    )
     del model
     torch.cuda.empty_cache()
     return result

@@ -1,6 +1,6 @@
 """GPU check and microbenchmark of the engine's NF4 Linears on the 11B text model's shapes.
 
-``python -m bench.nf4_check --out DIR`` (CUDA and bitsandbytes; under a minute on an H100):
+``python -m bench.nf4_check --out DIR`` (CUDA and bitsandbytes; about a minute on an H100):
 
 1. correctness: each fused :class:`~worker.engine.nf4.Nf4Linear` (bitsandbytes' ``matmul_4bit``
    on the concatenated storage) against dequantise-then-matmul in fp32, relative max error
@@ -8,7 +8,9 @@
 2. CUDA graphs: a captured call replays to the eager output for new inputs;
 3. timing, warm, with CUDA events (``triton.testing.do_bench``) per layer group (q/k/v, o,
    gate/up, down): bf16 ``F.linear`` on the fused weight, bitsandbytes' ``Linear4bit`` modules
-   one after another (what an unfused model runs), and the engine's fused Nf4Linear.
+   one after another (what an unfused model runs), and the engine's fused Nf4Linear;
+4. quality: the random 11B greedily decodes ``--steps`` tokens in bf16, then scores them in bf16
+   and after NF4 quantisation in place (:mod:`bench.quality`).
 
 Writes ``nf4_check.json`` under ``--out``.
 """
@@ -24,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench import model_factory as mf
+from bench.quality import agreement, noise_image, quantize_nf4
 from worker.engine.fused import fuse_linears
 from worker.engine.nf4 import Nf4Linear, from_bnb
 
@@ -110,6 +114,7 @@ def check_group(name: str, shapes: list[tuple[int, int]]) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=300, help="decode steps scored (0: none)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("nf4_check needs a CUDA GPU", file=sys.stderr)
@@ -132,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, shapes in GROUPS.items():
         groups.append(check_group(name, shapes))
         report |= {"groups": groups, "seconds": time.monotonic() - started}
+        (args.out / "nf4_check.json").write_text(json.dumps(report, indent=2))
+    if args.steps:
+        model = mf.build_random_model(mf.build_config("11b"), device=DEVICE, dtype=DTYPE)
+        report["quality"] = agreement(
+            model, mf.build_processor(), quantize_nf4, steps=args.steps, image=noise_image(0)
+        )
+        del model
+        print(f"quality (random 11B, nf4 vs bf16): {report['quality']}")
         (args.out / "nf4_check.json").write_text(json.dumps(report, indent=2))
     ok = all(g["ok"] for g in groups)
     verdict = "all checks passed" if ok else "CHECKS FAILED"

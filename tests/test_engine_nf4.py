@@ -160,3 +160,18 @@ def test_engine_on_bnb_nf4_weights_equals_generate_on_their_dequantised_form(tin
         expected = hf_greedy(reference_model, processor, request)
         tokens = results[key].token_ids
         assert tokens and tokens == expected[: len(tokens)], key
+
+
+def test_quality_check_scores_nf4_against_the_weights_it_came_from() -> None:
+    """``bench.quality`` (what nf4_check and fp8_check run on the 11B), on the mini model."""
+    from bench import model_factory as mf
+    from bench.quality import agreement, noise_image, quantize_nf4
+
+    model = mf.build_random_model(mf.build_config("mini"), device="cpu", dtype=torch.float32)
+    result = agreement(model, mf.build_processor(), quantize_nf4, steps=4, image=noise_image(0))
+    assert result["steps"] == 4
+    assert 0 < result["rel_logits_err_mean"] < 1
+    assert 0 <= result["top1_agreement"] <= 1
+    layer = model.model.language_model.layers[0]
+    assert isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
+    assert type(model.lm_head) is torch.nn.Linear  # left in the compute dtype, as load_model does

@@ -73,7 +73,7 @@ class MllamaParts:
             max_tiles=vision_config.max_num_tiles,
             max_position_embeddings=text_config.max_position_embeddings,
         )
-        # bitsandbytes' NF4 Linears run on the engine's own kernel, on bitsandbytes' storage.
+        # bitsandbytes' NF4 Linears become Nf4Linears on their own storage, so they fuse.
         adopt_bnb_linears(text)
         # Decode-path weights fused in place (None entries: not fusable, left as they are).
         fused = fuse_layers(self.layers, self.geometry.cross_layers)

@@ -87,7 +87,7 @@ def _quantization_config() -> BitsAndBytesConfig:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16,
-        # The engine's NF4 kernel reads one fp32 absmax per block, not a nested one.
+        # The engine fuses NF4 Linears by concatenating one fp32 absmax per block, not nested ones.
         bnb_4bit_use_double_quant=False,
         llm_int8_skip_modules=BNB_SKIP_MODULES,
     )
