@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import model_factory as mf
-from bench.quality import agreement, noise_image, quantize_nf4
+from bench.quality import agreement, nf4_linear, noise_image, quantize_nf4
 from worker.engine.fused import fuse_linears
 from worker.engine.nf4 import Nf4Linear, from_bnb
 
@@ -46,20 +46,8 @@ TOLERANCE = 1e-2
 
 
 def _quantised(out_features: int, in_features: int):
-    import bitsandbytes as bnb
-
-    weight = torch.randn(out_features, in_features, dtype=DTYPE) * 0.02
-    linear = bnb.nn.Linear4bit(
-        in_features, out_features, bias=False, compute_dtype=DTYPE, quant_type="nf4"
-    )
-    linear.weight = bnb.nn.Params4bit(
-        weight,
-        requires_grad=False,
-        quant_type="nf4",
-        blocksize=BLOCKSIZE,
-        compress_statistics=False,  # as the worker loads it (no double quantisation)
-    )
-    return weight.to(DEVICE), linear.to(DEVICE)  # quantises
+    weight = torch.randn(out_features, in_features, dtype=DTYPE, device=DEVICE) * 0.02
+    return weight, nf4_linear(weight.clone(), blocksize=BLOCKSIZE)
 
 
 def _time_us(fn) -> float:

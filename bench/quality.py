@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from worker.engine.inputs import prompt_text
-from worker.model.loading import BNB_SKIP_MODULES
+from worker.model.fp8 import replace_linears
 
 QUESTION = "Describe this image in detail."
 
@@ -75,38 +75,36 @@ def agreement(
     }
 
 
-def quantize_nf4(model: nn.Module, blocksize: int = 64) -> int:
-    """Replace every ``nn.Linear`` outside the modules ``load_model`` leaves unquantized by a
-    bitsandbytes NF4 ``Linear4bit`` of its weight (no double quantisation, as ``load_model``
-    loads it), in place; returns how many."""
+def nf4_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    blocksize: int = 64,
+    nested: bool = False,
+) -> nn.Module:
+    """A bitsandbytes NF4 ``Linear4bit`` of ``weight`` on its device (quantised there), computing
+    in its dtype; ``nested``: double quantisation (``load_model`` uses none)."""
     import bitsandbytes as bnb
 
-    skip = tuple(BNB_SKIP_MODULES)
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not name.startswith(skip)
-    ]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        weight = linear.weight.data
-        quantized = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=weight.dtype,
-            quant_type="nf4",
-        )
-        quantized.weight = bnb.nn.Params4bit(
-            weight,
-            requires_grad=False,
-            quant_type="nf4",
-            blocksize=blocksize,
-            compress_statistics=False,
-        )
-        if linear.bias is not None:
-            quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        setattr(parent, child, quantized.to(weight.device))  # quantises
-    return len(targets)
+    out_features, in_features = weight.shape
+    linear = bnb.nn.Linear4bit(
+        in_features, out_features, bias=bias is not None, compute_dtype=weight.dtype,
+        quant_type="nf4",
+    )  # fmt: skip
+    linear.weight = bnb.nn.Params4bit(
+        weight, requires_grad=False, quant_type="nf4", blocksize=blocksize,
+        compress_statistics=nested,
+    )  # fmt: skip
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear.to(weight.device)  # quantises
+
+
+def quantize_nf4(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` outside the modules ``load_model`` leaves unquantized by a
+    bitsandbytes NF4 ``Linear4bit`` of its weight, in place; returns how many."""
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        return nf4_linear(linear.weight.data, None if linear.bias is None else linear.bias.data)
+
+    return len(replace_linears(model, convert))

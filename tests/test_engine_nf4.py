@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bench.quality import nf4_linear
 from worker.engine.fused import fuse_linears
 from worker.engine.nf4 import Nf4Linear, adopt_bnb_linears, dequantize_nf4, from_bnb
 
@@ -19,18 +20,8 @@ SHAPES_11B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
 
 def _bnb_linear(out_features: int, in_features: int, *, blocksize: int = 64, nested: bool = False):
-    linear = bnb.nn.Linear4bit(
-        in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
-    )
     weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
-    linear.weight = bnb.nn.Params4bit(
-        weight,
-        requires_grad=False,
-        quant_type="nf4",
-        blocksize=blocksize,
-        compress_statistics=nested,
-    )
-    return linear.to("cpu")  # quantises
+    return nf4_linear(weight, blocksize=blocksize, nested=nested)
 
 
 def _bnb_weight(linear) -> torch.Tensor:

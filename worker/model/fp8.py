@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-#: Modules left in bf16: the vision side, and lm_head (as nf4 leaves them).
+#: Modules every quantized precision leaves in the compute dtype: the vision side, lm_head.
 SKIP_MODULES = ("model.vision_model", "model.multi_modal_projector", "lm_head")
 #: fp8 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards.
 MIN_CAPABILITY = (8, 9)
@@ -118,9 +119,10 @@ def concat_fp8(*linears: Fp8Linear) -> Fp8Linear:
     return Fp8Linear(weight, scale)
 
 
-def quantize_language_model(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of ``model`` outside :data:`SKIP_MODULES` by an
-    :class:`Fp8Linear`, in place, freeing each bf16 weight as it goes; returns how many."""
+def replace_linears(model: nn.Module, convert: Callable[[nn.Linear], nn.Module]) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` outside :data:`SKIP_MODULES` by
+    ``convert(linear)``, in place, one at a time (each old weight freed as it goes); returns
+    their names."""
     targets = [
         name
         for name, module in model.named_modules()
@@ -129,7 +131,14 @@ def quantize_language_model(model: nn.Module) -> int:
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child)))
+        setattr(parent, child, convert(getattr(parent, child)))
+    return targets
+
+
+def quantize_language_model(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` outside :data:`SKIP_MODULES` by an
+    :class:`Fp8Linear`, in place, freeing each bf16 weight as it goes; returns how many."""
+    targets = replace_linears(model, Fp8Linear.from_linear)
     devices = {model.get_submodule(name).weight.device for name in targets}
     for device in devices:
         if device.type == "cuda":

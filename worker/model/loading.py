@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from producer.errors import ConfigurationError
-from worker.model.fp8 import check_fp8_device, quantize_language_model
+from worker.model.fp8 import SKIP_MODULES, check_fp8_device, quantize_language_model
 from worker.settings import DTYPE_PRECISIONS, check_precision
 
 DTYPES = dict(zip(DTYPE_PRECISIONS, (torch.bfloat16, torch.float16, torch.float32), strict=True))
@@ -23,7 +23,7 @@ DTYPES = dict(zip(DTYPE_PRECISIONS, (torch.bfloat16, torch.float16, torch.float3
 # Quantize the language model only; the vision tower and projector stay in bf16.
 # Patterns match from the start of the module path, and a custom list drops bnb's default
 # `lm_head` skip, hence it is listed again.
-BNB_SKIP_MODULES = ["model.vision_model", "model.multi_modal_projector", "lm_head"]
+BNB_SKIP_MODULES = list(SKIP_MODULES)
 
 
 def _is_installed(module: str) -> bool:
