@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.progress import Progress
-from bench.targets import ENGINE_COUNTERS, Target, new_task_id
+from bench.targets import ENGINE_COUNTERS, LONGEST_GAP, Target, new_task_id
 from bench.workload import RequestSpec
 from worker.delivery import Completion
 from worker.executor import Executor, Message, Outcome, StepReport
@@ -232,9 +232,7 @@ def drive(
     counters1 = target.engine_counters()
     if counters0 is not None and counters1 is not None:
         run.engine = {k: counters1[k] - counters0[k] for k in ENGINE_COUNTERS}
-        run.engine["longest_decode_gap_ms"] = target.engine.stats.longest_decode_gap_ms
-        for key in ("longest_gap_admit_ms", "longest_gap_read_ms", "longest_gap_admit_parts"):
-            run.engine[key] = getattr(target.engine.stats, key)
+        run.engine |= {key: getattr(target.engine.stats, key) for key in LONGEST_GAP}
     return run
 
 

@@ -441,8 +441,9 @@ class ContinuousEngine:
                 self._failed_admission(batch, exc)
                 return True
             admission.clocks.append(clock)
-            admission.host_ms += _ms_since(start)
-            self._admit_parts["prompts"] += _ms_since(start)
+            host_ms = _ms_since(start)
+            admission.host_ms += host_ms
+            self._admit_parts["prompts"] += host_ms
             if not (wait or admission.done()):
                 return False
         self._finish_admission(admission)
