@@ -14,11 +14,15 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench.progress import Progress
-from bench.targets import ENGINE_COUNTERS, LONGEST_GAP, Target, new_task_id
+from bench.report import LONGEST_GAP
+from bench.stacks import StackSampler
+from bench.targets import ENGINE_COUNTERS, Target, new_task_id
 from bench.workload import RequestSpec
 from worker.delivery import Completion
 from worker.executor import Executor, Message, Outcome, StepReport
@@ -68,6 +72,7 @@ class RunLog:
     stopped_early: bool = False
     windowed: bool = False
     engine: dict[str, float] | None = None  # engine counter deltas over the run
+    stacks: list[dict] | None = None  # where the engine thread's admission went (--stacks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,9 +133,11 @@ def drive(
     *,
     name: str,
     stop_at: float,
+    sample_stacks: bool = False,
 ) -> RunLog:
     """Serve ``specs`` under ``schedule`` with the worker's loop; no new arrival after epoch
-    ``stop_at`` (nor after the closed loop's window). Jobs already arrived are always served."""
+    ``stop_at`` (nor after the closed loop's window). Jobs already arrived are always served.
+    ``sample_stacks``: sample the loop thread's stack while it admits (:mod:`bench.stacks`)."""
     n = len(specs)
     run = RunLog(
         name=name,
@@ -140,6 +147,11 @@ def drive(
         n_planned=n,
         windowed=schedule.kind == "closed" and schedule.window_s is not None,
     )
+    # Made ahead in a thread of their own, in arrival order, as a producer's images exist
+    # before it sends them: made at arrival (~5-10 ms each) they took the loop thread, which is
+    # the worker's engine thread, from its steps.
+    painter = ThreadPoolExecutor(1, thread_name_prefix="bench-images")
+    images = {spec.index: painter.submit(image_of, spec) for spec in specs}
     lock = threading.Lock()
     state = {"next": 0, "done": False, "cut": False, "window_end": math.inf}
     progress = Progress(f"{target.label} {name}", n)
@@ -158,7 +170,7 @@ def drive(
                 return
             spec = specs[state["next"]]
             state["next"] += 1
-        task_id, kwargs = target.message(new_task_id(), spec, image_of(spec), now)
+        task_id, kwargs = target.message(new_task_id(), spec, images[spec.index].result(), now)
         arrived[task_id] = (spec, now)
         loop.add(Job(task_id, kwargs))
 
@@ -196,6 +208,9 @@ def drive(
     if target.engine is not None:
         target.engine.stats.longest_decode_gap_ms = 0.0  # a maximum: this run's alone
     counters0 = target.engine_counters()
+    if schedule.kind == "closed":
+        for spec in specs[: schedule.concurrency]:
+            images[spec.index].result()  # the first arrivals all come at once
     run.t0 = time.time()
     feeder = None
     if schedule.window_s is not None:
@@ -218,7 +233,13 @@ def drive(
 
         feeder = threading.Thread(target=feed, name="bench-feeder", daemon=True)
         feeder.start()
-    loop.run()
+    try:
+        with StackSampler(threading.get_ident()) if sample_stacks else nullcontext() as sampler:
+            loop.run()
+    finally:
+        painter.shutdown(cancel_futures=True)
+    if sampler is not None:
+        run.stacks = sampler.top()
     if feeder is not None:
         feeder.join(1.0)
     progress.close()

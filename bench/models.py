@@ -85,6 +85,7 @@ def save_model_for_loading(bench: Bench) -> None:
 def free_model(bench: Bench) -> None:
     bench.model = None
     bench.processor = None
+    gc.unfreeze()  # the worker's factory froze what was resident then, this model included
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -220,7 +220,11 @@ def closed_and_rates(
         n = batches * b
         schedule = Schedule.closed(2 * b)
     specs = bench.workload.requests(n)
-    runs = [drive(target, specs, bench.image_of, schedule, name="closed", stop_at=stop_at)]
+    closed = drive(target, specs, bench.image_of, schedule, name="closed", stop_at=stop_at,
+                   sample_stacks=a.stacks and target.engine is not None)  # fmt: skip
+    for row in closed.stacks or []:
+        log(f"{key}: admitting {row['ms']:>8.0f} ms  {row['where']}")
+    runs = [closed]
     capacity = saturated(summarize_run(runs[0].to_dict())).get("images_per_s")
     if key == "c":
         bench.capacity_c = capacity

@@ -10,6 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+#: The longest decode gap of a run (reset before it) and what it was made of.
+LONGEST_GAP = (
+    "longest_decode_gap_ms", "longest_gap_admit_ms", "longest_gap_read_ms",
+    "longest_gap_admit_parts", "longest_gap_gc_ms",
+)  # fmt: skip
 MODE_ORDER = ["a", "b", "cb", "c", "d", "d2", "nf4", "fp8"]
 MODE_LABELS = {
     "a": "(a) generate, one at a time",
@@ -84,7 +89,7 @@ def summarize_run(run: dict, window: Callable[[float, float], dict] | None = Non
             out["longest_decode_gap_steps"] = (
                 engine["longest_decode_gap_ms"] / out["engine_step_ms"]
             )
-            for key in ("longest_gap_admit_ms", "longest_gap_read_ms", "longest_gap_admit_parts"):
+            for key in LONGEST_GAP[1:]:
                 out[key] = engine.get(key)
     if engine.get("admitted") and engine.get("vision_ms") is not None:
         # Per admitted request: GPU time of each admission phase, and host launch time.

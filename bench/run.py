@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rates-d", default="0.5", help="(d) arrival rates, x (c)'s capacity")
     p.add_argument("--rate-window-s", type=float, help="arrivals per rate last this long")
+    p.add_argument(
+        "--stacks",
+        action="store_true",
+        help="sample the engine thread's stack while it admits in the saturating closed loop "
+        "and print where the time went (a diagnostic: the sampler takes the GIL every 2 ms)",
+    )
     p.add_argument("--probe-tokens", type=int, help="decode steps timed at batch 1 (default 32)")
     p.add_argument("--deadline-s", type=float, help="stop starting work after this (default 530)")
     p.add_argument("--budget", default="", help="per-mode seconds, e.g. c=120,d=200")

@@ -276,6 +276,7 @@ class Bench:
 
     def release_memory(self) -> None:
         """Collect what was dropped (an engine's caches and graphs) and give it back."""
+        gc.unfreeze()  # the worker's factory froze what was resident then, this engine included
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

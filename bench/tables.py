@@ -122,6 +122,7 @@ ADMISSION_HEADER = [
     "mode", "run", "vision ms", "projector + cross K/V ms", "text prefill ms", "host ms",
     "longest decode gap ms", "gap in steps",
     "of it admitting ms (images / prompts / install)", "of it reading ms",
+    "of it collecting garbage ms",
 ]  # fmt: skip
 
 
@@ -129,7 +130,8 @@ def admission_rows(results: dict) -> list[list[str]]:
     """Per admitted request, one row per engine run: the GPU time of each admission phase
     (measured on the side stream, beside decode), the host time launching it, and the longest
     stall of the decoding rows with how much of it the engine thread spent admitting and
-    taking the previous step's tokens (waiting for the GPU included)."""
+    taking the previous step's tokens (waiting for the GPU included), and how much Python's
+    garbage collector took (in any thread: it holds the GIL)."""
     rows = []
     for key, s in _summaries(results):
         phases = s.get("admission_ms")
@@ -145,6 +147,7 @@ def admission_rows(results: dict) -> list[list[str]]:
                 _f(s.get("longest_decode_gap_steps")),
                 _admitting(s.get("longest_gap_admit_ms"), s.get("longest_gap_admit_parts")),
                 _f(s.get("longest_gap_read_ms"), "{:.0f}"),
+                _f(s.get("longest_gap_gc_ms"), "{:.0f}"),
             ]
         )  # fmt: skip
     return rows

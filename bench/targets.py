@@ -39,11 +39,6 @@ from worker.model.generation import Generation
 from worker.settings import WorkerSettings
 
 SERVED_MODEL = "vlmq-bench"
-#: The longest decode gap of a run (reset before it) and what it was made of.
-LONGEST_GAP = (
-    "longest_decode_gap_ms", "longest_gap_admit_ms", "longest_gap_read_ms",
-    "longest_gap_admit_parts",
-)  # fmt: skip
 ENGINE_COUNTERS = ("prefill_ms", "decode_ms", "decode_steps", "tokens", "admitted",
                    "images_encoded", "images_reused", "vision_ms", "cross_kv_ms",
                    "text_prefill_ms", "admission_host_ms")  # fmt: skip

@@ -288,14 +288,16 @@ def test_bad_request_fails_alone(loaded, monkeypatch):
     poison = GenerationRequest(Image.new("RGB", (70, 70), (1, 2, 3)), "Describe.", 5)
     from worker.engine.images import ImageEncoder
 
-    real_encode = ImageEncoder.encode
+    real_encode = ImageEncoder.encode_chunk
 
-    def encode(self, jobs):
-        if any(job.prepared.pixel_values[0].flatten(1).std(dim=1).amax() == 0 for job in jobs):
+    def encode_chunk(self, chunk):
+        if any(
+            job.prepared.pixel_values[0].flatten(1).std(dim=1).amax() == 0 for job in chunk.jobs
+        ):
             raise RuntimeError("poisoned image")
-        return real_encode(self, jobs)
+        return real_encode(self, chunk)
 
-    monkeypatch.setattr(ImageEncoder, "encode", encode)
+    monkeypatch.setattr(ImageEncoder, "encode_chunk", encode_chunk)
     engine.submit("poison", poison)
     for key, request in good.items():
         engine.submit(key, request)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from producer.errors import ConfigurationError
+from worker.collector import freeze_resident
 from worker.executor import BatchExecutor, ContinuousExecutor, Executor, RequestReader
 from worker.settings import WorkerSettings
 
@@ -52,7 +53,8 @@ def build_executor(
     loaded: tuple[Any, Any] | None = None,
     visibility_timeout_s: float | None = None,
 ) -> Executor:
-    """Load the one resident model, build its executor, warm it up; fail fast on bad settings.
+    """Load the one resident model, build its executor, warm it up, freeze what is resident
+    out of the garbage collector's sight (:mod:`worker.collector`); fail fast on bad settings.
 
     ``loaded`` is a ``(model, processor)`` already loaded with these settings (the bench loads
     the weights once for several executors); else :func:`load`.
@@ -88,6 +90,7 @@ def build_executor(
         t0 = time.perf_counter()
         executor.warmup()
         logger.info("Warmed up in %.1f s", time.perf_counter() - t0)
+    freeze_resident()
     if visibility_timeout_s is None:
         return executor
     if not settings.warmup:

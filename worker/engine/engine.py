@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from worker.collector import collector_clock
 from worker.engine.decode import DecodeStep
 from worker.engine.graphs import (
     ADMISSION_PRIORITY,
@@ -22,7 +23,7 @@ from worker.engine.graphs import (
     length_buckets,
     pick,
 )
-from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
+from worker.engine.images import ImageChunk, ImageEncoder, ImageJob, PhaseClock
 from worker.engine.inputs import PreparedRequest, prepare_request, to_device
 from worker.engine.parts import MllamaParts
 from worker.engine.prefill import PREFILL_ROWS, TextPrefill, cross_masks, visible_tiles
@@ -34,6 +35,14 @@ logger = logging.getLogger(__name__)
 
 # Requests admitted together at most (their images encode in chunks of VISION_BATCHES sizes).
 MAX_PREFILL_BATCH = max(PREFILL_ROWS)
+# Admissions in flight at most: the next one gathers requests while the one before is encoded.
+ADMISSIONS_IN_FLIGHT = 2
+# Pieces of admission work (an image chunk, an admission's prompts) queued on the side stream
+# at most while rows decode. Every piece of an admission at once filled the stream's queue, and
+# a launch onto a full queue blocks the engine thread, and the decode steps it launches, until
+# the GPU drains it (~200 ms, BENCHMARKS.md run 8). One at a time left the side stream idle
+# between pieces (-17 % throughput); two keep it busy without a block (run 10).
+SIDE_PIECES = 2
 
 
 @dataclass
@@ -53,6 +62,8 @@ class EngineStats:
     # The admitting of the longest gap by phase: launching images, launching prompts, and
     # installing finished admissions (their first tokens read).
     longest_gap_admit_parts: dict[str, float] = field(default_factory=dict)
+    # Within that longest gap: Python's garbage collector, in whichever thread it ran.
+    longest_gap_gc_ms: float = 0.0
     decode_ms: float = 0.0
     decode_steps: int = 0
     tokens: int = 0  # generated tokens, first tokens included
@@ -103,9 +114,10 @@ class _Admission:
 
     batch: list[_Waiting]
     slots: list[int]
-    clocks: list[PhaseClock]  # per image chunk, then the text prefill's
-    ready: torch.cuda.Event | None  # the work launched so far is done; None: done (CPU)
+    chunks: list[ImageChunk]  # images not launched yet
     host_ms: float
+    clocks: list[PhaseClock] = field(default_factory=list)  # per image chunk, then the prompts'
+    ready: torch.cuda.Event | None = None  # the work launched so far is done; None: done (CPU)
     rows: _NewRows | None = None  # set once the prompts are launched
 
     def done(self) -> bool:
@@ -143,7 +155,9 @@ class ContinuousEngine:
     ``submit`` queues requests (from any thread); ``step`` (from one thread) admits waiting
     requests into free slots, runs one decode step for every active slot and returns the
     requests that finished. On CUDA an admission's images are encoded on a side stream while
-    the running rows keep decoding; its prompts are prefilled in the first step after that.
+    the running rows keep decoding, one piece of work at a time (a chunk of images, then the
+    prompts), each launched in the first step after the one before it is done; up to
+    ``ADMISSIONS_IN_FLIGHT`` admissions queue their pieces one after another.
     ``max_slots`` / ``max_seq_len`` default to what ``memory_fraction`` of the free GPU memory
     holds, within ``memory_limit`` bytes for all of the process's tensors if given (8 slots of
     512 tokens on CPU). ``skip_padding_tiles``: see ``worker.engine.vision``.
@@ -230,9 +244,12 @@ class ContinuousEngine:
         self._keys: set[str] = set()
         self._slots: list[_Running | None] = [None] * self.max_slots
         self._reserved: set[int] = set()  # slots of the admission in flight
-        self._admission: _Admission | None = None
+        self._admissions: deque[_Admission] = deque()  # in flight, oldest first
+        self._side_pieces: deque[torch.cuda.Event] = deque()  # launched, maybe not done
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
         self._last_decode: float | None = None  # when the last decode step with rows ended
+        self._collector = collector_clock()
+        self._collected_ms = 0.0  # the collector's total when the last decode step ended
         self._admit_ms = 0.0  # the last admission's time on the engine thread
         self._admit_parts: dict[str, float] = {}  # ... by phase
         # The step in flight: the next one is launched before its tokens are read, so the GPU
@@ -270,7 +287,7 @@ class ContinuousEngine:
     def has_work(self) -> bool:
         """Whether any request is waiting, being admitted, running, or failed and not yet
         returned."""
-        return self.active > 0 or self.waiting > 0 or self._admission is not None
+        return self.active > 0 or self.waiting > 0 or bool(self._admissions)
 
     def submit(self, key: str, request: GenerationRequest) -> None:
         """Queue ``request`` under ``key`` (unique among requests in the engine).
@@ -316,8 +333,8 @@ class ContinuousEngine:
             self._waiting = deque(w for w in self._waiting if w.key not in keys)
             self._returned = [f for f in self._returned if f.key not in keys]
             self._keys -= keys
-        if self._admission is not None:
-            for waiting in self._admission.batch:
+        for admission in self._admissions:
+            for waiting in admission.batch:
                 waiting.aborted = waiting.aborted or waiting.key in keys
         with self._on_decode_stream():
             for slot, running in enumerate(self._slots):
@@ -363,42 +380,60 @@ class ContinuousEngine:
     # -- admission --------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Move the admission in flight on (its images, then its prompts, then its slots) as far
-        as its GPU work allows without waiting while rows decode, and start the next one. With
-        nothing decoding, admission runs to completion at once."""
+        """Start admissions for waiting requests, launch their next pieces of work on the side
+        stream as it has room, and install those whose work is done, without waiting while
+        rows decode. With nothing decoding, the oldest admission runs to completion at once."""
         start = time.perf_counter()
         self._admit_parts = dict.fromkeys(("images", "prompts", "install"), 0.0)
         while True:
-            if self._admission is None:
+            while len(self._admissions) < ADMISSIONS_IN_FLIGHT:
                 with self._lock:
                     count = min(self.free_slots, MAX_PREFILL_BATCH, len(self._waiting))
                     batch = [self._waiting.popleft() for _ in range(count)]
                 if not batch:
                     break
-                self._admission = self._start_admission(batch)
-                if self._admission is None:
-                    continue  # failed, and its requests are dealt with
-            if not self._advance(self._admission, wait=not self.active):
+                admission = self._start_admission(batch)
+                if admission is not None:
+                    self._admissions.append(admission)
+            if not self._admissions:
                 break
-            self._admission = None
-            if self.active:
-                break  # the next admission starts in the next step, beside its decode
+            if not self.active:
+                self._advance(self._admissions.popleft())
+                continue
+            self._launch_pieces()
+            while self._admissions and self._admissions[0].rows is not None:
+                if not self._admissions[0].done():
+                    break
+                self._finish_admission(self._admissions.popleft())
+            break
         self._admit_ms = _ms_since(start)
         self.stats.prefill_ms += self._admit_ms
 
+    def _launch_pieces(self) -> None:
+        """Launch admission pieces, oldest admission first, while fewer than ``SIDE_PIECES``
+        launched ones are still running."""
+        while self._side_pieces and self._side_pieces[0].query():
+            self._side_pieces.popleft()
+        for admission in list(self._admissions):
+            while admission.rows is None and len(self._side_pieces) < SIDE_PIECES:
+                if not self._launch_piece(admission):
+                    self._admissions.remove(admission)
+                    break
+                if admission.ready is not None:
+                    self._side_pieces.append(admission.ready)
+
     def _start_admission(self, batch: list[_Waiting]) -> _Admission | None:
-        """Reserve slots and launch the batch's images; None if it failed (then handled)."""
+        """Reserve slots and give them the cross K/V already resident; the images still to
+        encode are launched piece by piece (:meth:`_launch_piece`). None if it failed (then
+        handled)."""
         start = time.perf_counter()
         slots = self._allocate(batch)
         self._reserved.update(slots)
         try:
-            jobs = self._reuse_cross_kv(batch, slots)
-            with self._on_side_stream() as side:
-                clocks = self.images.encode(jobs)
-                ready = _record(side)
+            chunks = self.images.chunks(self._reuse_cross_kv(batch, slots))
             host_ms = _ms_since(start)
             self._admit_parts["images"] += host_ms
-            return _Admission(batch, slots, clocks, ready, host_ms)
+            return _Admission(batch, slots, chunks, host_ms)
         except Exception as exc:
             self._release(slots)
             self._failed_admission(batch, exc)
@@ -421,32 +456,36 @@ class ContinuousEngine:
         with torch.cuda.stream(side):
             yield side
 
-    def _advance(self, admission: _Admission, *, wait: bool) -> bool:
-        """Launch the prompts once the images are in, install the slots once the prompts are
-        in; True when the admission is over (its requests decode, or failed)."""
-        if not (wait or admission.done()):
-            return False
-        if admission.rows is None:
-            start = time.perf_counter()
-            batch = [w for w in admission.batch if not w.aborted]
-            try:
-                with self._on_side_stream() as side:
+    def _advance(self, admission: _Admission) -> None:
+        """Launch the rest of an admission's work at once, then wait for it and install it."""
+        while admission.rows is None:
+            if not self._launch_piece(admission):
+                return
+        self._finish_admission(admission)
+
+    def _launch_piece(self, admission: _Admission) -> bool:
+        """Launch an admission's next piece of work on the side stream: an image chunk, else
+        its prompts. False if that failed (the admission is then over and handled)."""
+        start = time.perf_counter()
+        phase = "images" if admission.chunks else "prompts"
+        try:
+            with self._on_side_stream() as side:
+                if admission.chunks:
+                    clock = self.images.encode_chunk(admission.chunks.pop(0))
+                else:
                     clock = PhaseClock(self.device)
                     clock.mark("start")
                     admission.rows = self._launch_prefill(admission.batch, admission.slots)
                     clock.mark("end")
-                    admission.ready = _record(side)
-            except Exception as exc:
-                self._release(admission.slots)
-                self._failed_admission(batch, exc)
-                return True
-            admission.clocks.append(clock)
-            host_ms = _ms_since(start)
-            admission.host_ms += host_ms
-            self._admit_parts["prompts"] += host_ms
-            if not (wait or admission.done()):
-                return False
-        self._finish_admission(admission)
+                admission.ready = _record(side)
+        except Exception as exc:
+            self._release(admission.slots)
+            self._failed_admission([w for w in admission.batch if not w.aborted], exc)
+            return False
+        admission.clocks.append(clock)
+        host_ms = _ms_since(start)
+        admission.host_ms += host_ms
+        self._admit_parts[phase] += host_ms
         return True
 
     def _failed_admission(self, batch: list[_Waiting], exc: Exception) -> None:
@@ -460,7 +499,7 @@ class ContinuousEngine:
         for waiting in batch:
             admission = self._start_admission([waiting])
             if admission is not None:
-                self._advance(admission, wait=True)
+                self._advance(admission)
 
     def _finish_admission(self, admission: _Admission) -> None:
         """Install the decode state of an admission whose work is done (or queued before on the
@@ -607,7 +646,7 @@ class ContinuousEngine:
         cache.row_gate[index] = rows.row_gate
         cache.tokens[index] = rows.first
         cache.positions[index] = rows.positions
-        cache.active[index] = 1
+        cache.active.index_fill_(0, index, 1)  # ``[index] = 1`` would copy 1 over, in sync
         cache.greedy[index] = rows.greedy
         cache.temperature[index] = rows.temperature
         cache.top_p[index] = rows.top_p
@@ -632,7 +671,9 @@ class ContinuousEngine:
                 stats.longest_gap_admit_ms = self._admit_ms
                 stats.longest_gap_admit_parts = dict(self._admit_parts)
                 stats.longest_gap_read_ms = (end - launched) * 1000.0
+                stats.longest_gap_gc_ms = self._collector.total_ms - self._collected_ms
         self._last_decode = end if self.active else None
+        self._collected_ms = self._collector.total_ms
         return finished
 
     def _launch(self) -> _Launched:

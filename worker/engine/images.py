@@ -1,7 +1,8 @@
 """Images into slots: vision tower, projector and every cross layer's K/V, batched per tile count.
 
 An admission's distinct images are grouped by real tile count and encoded in chunks of
-``VISION_BATCHES`` sizes (one captured graph each on CUDA). Each chunk's projector and the K/V
+``VISION_BATCHES`` sizes (one captured graph each on CUDA), launched one at a time or all
+at once as the caller chooses. Each chunk's projector and the K/V
 projections of all cross layers run as one GEMM each, then the K/V are copied into every slot
 that asked for that image.
 """
@@ -32,6 +33,14 @@ class ImageJob:
     @property
     def tiles(self) -> int:
         return int(self.prepared.aspect_ratio_mask.sum())
+
+
+@dataclass(frozen=True)
+class ImageChunk:
+    """Images of one tile count encoded together: one vision graph replay."""
+
+    jobs: tuple[ImageJob, ...]
+    tiles: int
 
 
 class PhaseClock:
@@ -112,32 +121,39 @@ class ImageEncoder:
         image_size = self.parts.vision.config.image_size
         self.graphs.capture(image_size, self.parts.dtype, self.parts.device)
 
-    def encode(self, jobs: Sequence[ImageJob]) -> list[PhaseClock]:
-        """Encode ``jobs`` into their slots; one clock per chunk, marked ``start``,
-        ``vision_end`` (tower done) and ``end`` (projector and K/V written)."""
+    def chunks(self, jobs: Sequence[ImageJob]) -> list[ImageChunk]:
+        """``jobs`` grouped by tile count and cut into ``VISION_BATCHES`` sizes, each one
+        launch of :meth:`encode_chunk`."""
         by_tiles: dict[int, list[ImageJob]] = {}
         for job in jobs:
             by_tiles.setdefault(job.tiles, []).append(job)
-        clocks = []
+        chunks = []
         for tiles, group in sorted(by_tiles.items()):
             start = 0
             for size in batch_sizes(len(group)):
-                clocks.append(self._encode_chunk(group[start : start + size], tiles))
+                chunks.append(ImageChunk(tuple(group[start : start + size]), tiles))
                 start += size
-        return clocks
+        return chunks
 
-    def _encode_chunk(self, chunk: Sequence[ImageJob], tiles: int) -> PhaseClock:
+    def encode(self, jobs: Sequence[ImageJob]) -> list[PhaseClock]:
+        """Encode ``jobs`` into their slots, every chunk at once; one clock per chunk."""
+        return [self.encode_chunk(chunk) for chunk in self.chunks(jobs)]
+
+    def encode_chunk(self, chunk: ImageChunk) -> PhaseClock:
+        """Launch one chunk's vision tower, projector and K/V writes into its slots; its clock
+        is marked ``start``, ``vision_end`` (tower done) and ``end`` (K/V written)."""
+        jobs, tiles = chunk.jobs, chunk.tiles
         device, cache = self.parts.device, self.cache
         clock = PhaseClock(device)
         clock.mark("start")
-        pixels = torch.stack([to_device(job.prepared.pixel_values, device) for job in chunk])
-        ratios = to_device(torch.tensor([job.prepared.aspect_ratio_id for job in chunk]), device)
+        pixels = torch.stack([to_device(job.prepared.pixel_values, device) for job in jobs])
+        ratios = to_device(torch.tensor([job.prepared.aspect_ratio_id for job in jobs]), device)
         states = self.graphs.run(pixels, ratios, tiles)
         clock.mark("vision_end")
         k, v = self.project(states)
         # Chunk row of each receiving slot: one image may go to several slots.
-        rows = torch.tensor([i for i, job in enumerate(chunk) for _ in job.slots])
-        slots = torch.tensor([slot for job in chunk for slot in job.slots])
+        rows = torch.tensor([i for i, job in enumerate(jobs) for _ in job.slots])
+        slots = torch.tensor([slot for job in jobs for slot in job.slots])
         rows, slots = to_device(rows, device), to_device(slots, device)
         length = k.shape[2]
         cache.cross_k[:, slots, :length] = k[:, rows]
