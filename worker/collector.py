@@ -11,7 +11,6 @@ engine) out of the collector's sight; later collections walk only what came afte
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from typing import Any
 
@@ -47,15 +46,6 @@ class CollectorClock:
             self.longest_ms = max(self.longest_ms, ms)
 
 
-_clock: CollectorClock | None = None
-_clock_lock = threading.Lock()
-
-
-def collector_clock() -> CollectorClock:
-    """The process's clock, installed in ``gc.callbacks`` on first use."""
-    global _clock
-    with _clock_lock:
-        if _clock is None:
-            _clock = CollectorClock()
-            gc.callbacks.append(_clock._callback)
-        return _clock
+#: The process's clock: in ``gc.callbacks`` from this module's import on.
+CLOCK = CollectorClock()
+gc.callbacks.append(CLOCK._callback)

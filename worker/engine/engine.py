@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from worker.collector import collector_clock
+from worker.collector import CLOCK as COLLECTOR_CLOCK
 from worker.engine.decode import DecodeStep
 from worker.engine.graphs import (
     ADMISSION_PRIORITY,
@@ -248,7 +248,6 @@ class ContinuousEngine:
         self._side_pieces: deque[torch.cuda.Event] = deque()  # launched, maybe not done
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
         self._last_decode: float | None = None  # when the last decode step with rows ended
-        self._collector = collector_clock()
         self._collected_ms = 0.0  # the collector's total when the last decode step ended
         self._admit_ms = 0.0  # the last admission's time on the engine thread
         self._admit_parts: dict[str, float] = {}  # ... by phase
@@ -671,9 +670,9 @@ class ContinuousEngine:
                 stats.longest_gap_admit_ms = self._admit_ms
                 stats.longest_gap_admit_parts = dict(self._admit_parts)
                 stats.longest_gap_read_ms = (end - launched) * 1000.0
-                stats.longest_gap_gc_ms = self._collector.total_ms - self._collected_ms
+                stats.longest_gap_gc_ms = COLLECTOR_CLOCK.total_ms - self._collected_ms
         self._last_decode = end if self.active else None
-        self._collected_ms = self._collector.total_ms
+        self._collected_ms = COLLECTOR_CLOCK.total_ms
         return finished
 
     def _launch(self) -> _Launched:
