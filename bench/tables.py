@@ -130,7 +130,7 @@ def admission_rows(results: dict) -> list[list[str]]:
     """Per admitted request, one row per engine run: the GPU time of each admission phase
     (measured on the side stream, beside decode), the host time launching it, and the longest
     stall of the decoding rows with how much of it the engine thread spent admitting and
-    taking the previous step's tokens (waiting for the GPU included), and how much Python's
+    taking launched steps' tokens (waiting for the GPU included), and how much Python's
     garbage collector took (in any thread: it holds the GIL)."""
     rows = []
     for key, s in _summaries(results):

@@ -55,8 +55,9 @@ class EngineStats:
     text_prefill_ms: float = 0.0  # GPU time of the prompts' prefill and first-token sampling
     admission_host_ms: float = 0.0  # host time launching admissions (no GPU wait)
     longest_decode_gap_ms: float = 0.0  # longest time between two decode steps of running rows
-    # Within that longest gap: the engine thread admitting, and taking the previous step's
-    # tokens (waiting for the GPU to finish it included); the rest is other host work.
+    # Within that longest gap: the engine thread admitting, and taking launched steps' tokens
+    # (waiting for the GPU to finish them included; a compaction takes the step in flight's
+    # early); the rest is other host work.
     longest_gap_admit_ms: float = 0.0
     longest_gap_read_ms: float = 0.0
     # The admitting of the longest gap by phase: launching images, launching prompts, and
@@ -249,6 +250,7 @@ class ContinuousEngine:
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
         self._last_decode: float | None = None  # when the last decode step with rows ended
         self._collected_ms = 0.0  # the collector's total when the last decode step ended
+        self._read_ms = 0.0  # taking launched steps' tokens since the last decode step ended
         self._admit_ms = 0.0  # the last admission's time on the engine thread
         self._admit_parts: dict[str, float] = {}  # ... by phase
         # The step in flight: the next one is launched before its tokens are read, so the GPU
@@ -657,7 +659,6 @@ class ContinuousEngine:
         seen a step late: a row that ended runs one more step, whose token is dropped)."""
         start = time.perf_counter()
         previous, self._launched = self._launched, self._launch()
-        launched = time.perf_counter()
         finished = self._read(previous) if previous is not None else []
         end = time.perf_counter()
         stats = self.stats
@@ -669,10 +670,11 @@ class ContinuousEngine:
                 stats.longest_decode_gap_ms = gap_ms
                 stats.longest_gap_admit_ms = self._admit_ms
                 stats.longest_gap_admit_parts = dict(self._admit_parts)
-                stats.longest_gap_read_ms = (end - launched) * 1000.0
+                stats.longest_gap_read_ms = self._read_ms
                 stats.longest_gap_gc_ms = COLLECTOR_CLOCK.total_ms - self._collected_ms
         self._last_decode = end if self.active else None
         self._collected_ms = COLLECTOR_CLOCK.total_ms
+        self._read_ms = 0.0
         return finished
 
     def _launch(self) -> _Launched:
@@ -709,9 +711,11 @@ class ContinuousEngine:
     def _read(self, launched: _Launched) -> list[FinishedRequest]:
         """Take a launched step's tokens: each row still held by the request it ran for gets
         its token; the others (ended, aborted) are dropped."""
+        start = time.perf_counter()
         if launched.copied is not None:
             launched.copied.synchronize()
         tokens = launched.tokens.tolist()
+        self._read_ms += _ms_since(start)
         finished = []
         for index, running in launched.rows:
             running.pending -= 1
