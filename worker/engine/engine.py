@@ -244,7 +244,7 @@ class ContinuousEngine:
         self._returned: list[FinishedRequest] = []
         self._keys: set[str] = set()
         self._slots: list[_Running | None] = [None] * self.max_slots
-        self._reserved: set[int] = set()  # slots of the admission in flight
+        self._reserved: set[int] = set()  # slots of the admissions in flight
         self._admissions: deque[_Admission] = deque()  # in flight, oldest first
         self._side_pieces: deque[torch.cuda.Event] = deque()  # launched, maybe not done
         self._resident: list[str | None] = [None] * self.max_slots  # image key of the cross K/V
