@@ -72,7 +72,7 @@ class RunLog:
     stopped_early: bool = False
     windowed: bool = False
     engine: dict[str, float] | None = None  # engine counter deltas over the run
-    stacks: list[dict] | None = None  # where the engine thread's admission went (--stacks)
+    stacks: list[dict] | None = None  # where the loop thread's time went (--stacks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,7 +137,7 @@ def drive(
 ) -> RunLog:
     """Serve ``specs`` under ``schedule`` with the worker's loop; no new arrival after epoch
     ``stop_at`` (nor after the closed loop's window). Jobs already arrived are always served.
-    ``sample_stacks``: sample the loop thread's stack while it admits (:mod:`bench.stacks`)."""
+    ``sample_stacks``: sample the loop thread's stack (:mod:`bench.stacks`)."""
     n = len(specs)
     run = RunLog(
         name=name,

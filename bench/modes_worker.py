@@ -223,7 +223,7 @@ def closed_and_rates(
     closed = drive(target, specs, bench.image_of, schedule, name="closed", stop_at=stop_at,
                    sample_stacks=a.stacks and target.engine is not None)  # fmt: skip
     for row in closed.stacks or []:
-        log(f"{key}: admitting {row['ms']:>8.0f} ms  {row['where']}")
+        log(f"{key}: {row['phase']:>23} {row['ms']:>8.0f} ms  {row['where']}")
     runs = [closed]
     capacity = saturated(summarize_run(runs[0].to_dict())).get("images_per_s")
     if key == "c":

@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stacks",
         action="store_true",
-        help="sample the engine thread's stack while it admits in the saturating closed loop "
-        "and print where the time went (a diagnostic: the sampler takes the GIL every 2 ms)",
+        help="sample the engine thread's stack in the saturating closed loop and print where "
+        "its time went, by phase (a diagnostic: the sampler takes the GIL every 2 ms)",
     )
     p.add_argument("--probe-tokens", type=int, help="decode steps timed at batch 1 (default 32)")
     p.add_argument("--deadline-s", type=float, help="stop starting work after this (default 530)")
