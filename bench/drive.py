@@ -148,8 +148,8 @@ def drive(
         windowed=schedule.kind == "closed" and schedule.window_s is not None,
     )
     # Made ahead in a thread of their own, in arrival order, as a producer's images exist
-    # before it sends them: made at arrival (~5-10 ms each) they took the loop thread, which is
-    # the worker's engine thread, from its steps.
+    # before it sends them: made at arrival (~9 ms a 4-tile JPEG) they took the loop thread,
+    # which is the worker's engine thread, from its steps.
     painter = ThreadPoolExecutor(1, thread_name_prefix="bench-images")
     images = {spec.index: painter.submit(image_of, spec) for spec in specs}
     lock = threading.Lock()

@@ -85,10 +85,8 @@ def save_model_for_loading(bench: Bench) -> None:
 def free_model(bench: Bench) -> None:
     bench.model = None
     bench.processor = None
-    gc.unfreeze()  # the worker's factory froze what was resident then, this model included
-    gc.collect()
+    bench.release_memory()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
         log(f"model freed; {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated")
 
 

@@ -275,8 +275,8 @@ class Bench:
         return fit["first_token_s"] + longest * fit["step_ms"] / 1000.0
 
     def release_memory(self) -> None:
-        """Collect what was dropped (an engine's caches and graphs) and give it back."""
-        gc.unfreeze()  # the worker's factory froze what was resident then, this engine included
+        """Collect what was dropped (an engine's caches and graphs, a model) and give it back."""
+        gc.unfreeze()  # the worker's factory froze what was resident then, the dropped included
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

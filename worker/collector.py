@@ -1,7 +1,7 @@
 """Python's cyclic garbage collector, kept out of the engine's way and timed.
 
 A full collection walks every object the collector tracks. Torch, transformers and Celery
-alone create ~400k of them, so each full collection holds the GIL for ~100-150 ms: the
+alone create ~380k of them, so each full collection holds the GIL for ~130 ms: the
 engine thread cannot launch a decode step meanwhile, and every running answer stalls.
 :func:`freeze_resident` moves what exists once the worker is ready (libraries, the model, the
 engine) out of the collector's sight; later collections walk only what came after.

@@ -1,8 +1,8 @@
 """Images into slots: vision tower, projector and every cross layer's K/V, batched per tile count.
 
 An admission's distinct images are grouped by real tile count and encoded in chunks of
-``VISION_BATCHES`` sizes (one captured graph each on CUDA), launched one at a time or all
-at once as the caller chooses. Each chunk's projector and the K/V
+``VISION_BATCHES`` sizes (one captured graph each on CUDA), each launched on its own by the
+caller. Each chunk's projector and the K/V
 projections of all cross layers run as one GEMM each, then the K/V are copied into every slot
 that asked for that image.
 """
@@ -134,10 +134,6 @@ class ImageEncoder:
                 chunks.append(ImageChunk(tuple(group[start : start + size]), tiles))
                 start += size
         return chunks
-
-    def encode(self, jobs: Sequence[ImageJob]) -> list[PhaseClock]:
-        """Encode ``jobs`` into their slots, every chunk at once; one clock per chunk."""
-        return [self.encode_chunk(chunk) for chunk in self.chunks(jobs)]
 
     def encode_chunk(self, chunk: ImageChunk) -> PhaseClock:
         """Launch one chunk's vision tower, projector and K/V writes into its slots; its clock
