@@ -9,6 +9,9 @@
 2. Quality: the random 11B (the bench's model) greedily decodes ``--steps`` tokens for an image
    question in bf16; then bf16 and fp8 (quantised in place, as ``load_model`` does) each score
    that sequence in one forward: relative logits error and top-1 agreement per decode step.
+3. With ``--tiles``: every candidate tile shape of :mod:`worker.model.fp8_kernel`'s GEMV (one
+   row) and GEMM (2-64 rows) on the same shapes, timed the same way, next to the tiles the
+   worker picks. Rerun it on a new card kind before trusting the worker's table there.
 
 Prints tables and writes ``fp8_check.json`` under ``--out``.
 """
@@ -16,11 +19,13 @@ Prints tables and writes ``fp8_check.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +34,18 @@ from torch import nn
 from bench import model_factory as mf
 from bench.quality import agreement, noise_image
 from worker.model.fp8 import (
+    _MIN_AMAX,
+    FP8,
+    FP8_MAX,
     Fp8Linear,
     check_fp8_device,
     quantize_activation,
     quantize_language_model,
     quantize_rows,
 )
+
+if TYPE_CHECKING:
+    from worker.model.fp8_kernel import Tiles
 
 #: (out, in) of the 11B's decode GEMMs.
 SHAPES = {
@@ -44,6 +55,12 @@ SHAPES = {
     "down": (4096, 14336),
 }
 ROWS = (1, 8, 16, 32, 64, 128)
+TILE_ROWS = (1, 2, 8, 16, 32, 64)
+#: Candidate (block_n, block_k, warps, stages) of the GEMV and of the GEMM, for ``--tiles``.
+GEMV_TILES = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (2, 3)))
+MATMUL_TILES = list(itertools.product((64, 128), (128, 256), (4, 8), (3, 4, 5)))
+
+
 #: fp8 weight bytes cycled through per shape: well past the L2 of an H100 (50 MB) or H200.
 CYCLE_BYTES = 256e6
 CALLS_PER_GRAPH = 24
@@ -96,15 +113,20 @@ def kernels_per_call(device: str, rows: int = 16) -> int | None:
         return None
 
 
+def weight_copies(device: str, out_f: int, in_f: int) -> list[nn.Linear]:
+    """bf16 Linears of one shape, enough of them (:data:`CYCLE_BYTES`) that calls cycling
+    through them read every weight from memory, not L2."""
+    torch.manual_seed(0)
+    return [
+        nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
+        for _ in range(max(2, math.ceil(CYCLE_BYTES / (out_f * in_f))))
+    ]
+
+
 def gemm_table(device: str) -> list[dict]:
     results = []
     for name, (out_f, in_f) in SHAPES.items():
-        copies = max(1, math.ceil(CYCLE_BYTES / (out_f * in_f)))
-        torch.manual_seed(0)
-        linears = [
-            nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
-            for _ in range(copies)
-        ]
+        linears = weight_copies(device, out_f, in_f)
         fp8s = [Fp8Linear.from_linear(lin) for lin in linears]
         for rows in ROWS:
             x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16)
@@ -131,6 +153,59 @@ def gemm_table(device: str) -> list[dict]:
     return results
 
 
+def kernel_call(x: torch.Tensor, linear: Fp8Linear, tiles: Tiles) -> Callable[[], torch.Tensor]:
+    """The kernel the worker runs at ``x``'s row count, with ``tiles``."""
+    from worker.model import fp8_kernel as kernel  # Triton: CUDA hosts only
+
+    if x.shape[0] == 1:
+        return lambda: kernel.fp8_gemv(x, linear.weight, linear.scale, tiles, FP8_MAX, _MIN_AMAX)
+
+    def quantise_then_matmul() -> torch.Tensor:
+        q, q_scale = kernel.quantize_rows_kernel(x, FP8, FP8_MAX, _MIN_AMAX)
+        return kernel.fp8_matmul(q, q_scale, linear.weight, linear.scale, tiles)
+
+    return quantise_then_matmul
+
+
+def tile_table(device: str) -> list[dict]:
+    """Every candidate tile shape of the GEMV (one row) and the GEMM (more rows, quantiser
+    included) against the tiles the worker picks, per shape and row count; printed as it goes."""
+    from worker.model import fp8_kernel as kernel
+
+    results = []
+    for name, (out_f, in_f) in SHAPES.items():
+        linears = weight_copies(device, out_f, in_f)
+        fp8s = [Fp8Linear.from_linear(lin) for lin in linears]
+        for rows in TILE_ROWS:
+            x = torch.randn(rows, in_f, device=device).bfloat16()
+            picked = kernel.gemv_tiles(out_f) if rows == 1 else kernel.matmul_tiles(rows, out_f)
+            times = {}
+            for candidate in GEMV_TILES if rows == 1 else MATMUL_TILES:
+                tiles = kernel.Tiles(*candidate)
+                try:
+                    times[tiles] = graph_us([kernel_call(x, f, tiles) for f in fp8s])
+                except Exception:  # a tile shape this card cannot hold (shared memory)
+                    continue
+            best = min(times, key=times.get)
+            entry = {
+                "shape": name,
+                "rows": rows,
+                "bf16_us": graph_us([lambda x=x, w=lin.weight: F.linear(x, w) for lin in linears]),
+                "best": best._asdict(),
+                "best_us": times[best],
+                "picked": picked._asdict(),
+                "picked_us": times.get(picked),
+            }
+            results.append(entry)
+            print(
+                f"{name:>8} {rows:>4}  bf16 {entry['bf16_us']:7.1f}  best {times[best]:7.1f} "
+                f"{tuple(best)}  picked {entry['picked_us'] or float('nan'):7.1f} {tuple(picked)}"
+            )
+        del linears, fp8s
+        torch.cuda.empty_cache()
+    return results
+
+
 def quality(device: str, steps: int) -> dict:
     """Logits of fp8 against bf16 on the random 11B, teacher-forced on bf16's greedy tokens."""
     model = mf.build_random_model(mf.build_config("11b"), device=device, dtype=torch.bfloat16)
@@ -147,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for fp8_check.json")
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=300, help="decode steps scored (0: no quality)")
+    p.add_argument("--tiles", action="store_true", help="also sweep the kernels' tile shapes")
     args = p.parse_args(argv)
     check_fp8_device(args.device)
     results: dict = {
@@ -168,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['rel_err_vs_dequantized']:>9.5f}"
         )
     print(f"CUDA kernels per fp8 Linear call (qkv, 16 rows): {results['kernels_per_fp8_call']}")
+    if args.tiles:
+        print("tile shapes, us per call; tiles are (block_n, block_k, warps, stages)")
+        results["tiles"] = tile_table(args.device)
     if args.steps:
         try:
             results["quality"] = quality(args.device, args.steps)

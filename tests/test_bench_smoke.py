@@ -155,6 +155,36 @@ def test_steady_window_and_targets() -> None:
     assert "FAIL" not in tables.markdown(results)
 
 
+def test_throughput_ratios_are_like_for_like() -> None:
+    from bench import report
+
+    def closed(tok_s: float, steady: float | None) -> dict:
+        window = steady and {"output_tokens_per_s": steady, "images_per_s": steady / 10}
+        return {"name": "closed", "schedule": "closed", "n_ok": 1, "output_tokens_per_s": tok_s,
+                "images_per_s": tok_s / 10, "steady": window}  # fmt: skip
+
+    # fp8's steady window against bf16's whole loop would read 2,858 / 2,111 = 1.35x (run 12);
+    # like for like it is the whole loops' 1.27x.
+    bf16, fp8 = closed(2111.0, None), closed(2683.0, 2858.0)
+    assert report.throughput_ratio(fp8, bf16) == (2683.0 / 2111.0, "whole closed loops")
+    ratio, basis = report.throughput_ratio(closed(2849.7, 3008.0), closed(2366.1, 2569.7))
+    assert (round(ratio, 3), basis) == (1.171, "steady windows")
+
+    results = {
+        "modes": {
+            "c": {"summaries": [bf16], "probe": {"engine_step_ms": 7.69}},
+            "fp8": {"summaries": [fp8], "probe": {"engine_step_ms": 4.94}},
+            "nf4": {"summaries": [closed(2000.0, None)], "probe": {"engine_step_ms": 5.9}},
+        }
+    }
+    report.add_ratios(results)
+    verdict = {t["target"]: t["pass"] for t in results["targets"]}
+    assert verdict["decode step at batch 1, fp8 / bf16 (c)"] is True  # 0.642x <= 0.65x
+    assert verdict["saturated tok/s, fp8 / bf16 (c)"] is False  # 1.27x < 1.3x
+    assert verdict["decode step at batch 1, nf4 / bf16 (c)"] is False  # 0.77x > 0.50x
+    assert verdict["saturated tok/s, nf4 / bf16 (c)"] is False  # 0.95x < 1.0x
+
+
 def test_int8_mode_is_refused_as_removed() -> None:
     from bench.run import main
 

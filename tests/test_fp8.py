@@ -2,8 +2,8 @@
 fused projections, the tiny model through the engine, and the refusals. CPU in CI: torch's CPU
 ``_scaled_mm`` takes e4m3 with rowwise scales (torch 2.13; 2.11's takes per-tensor scales only).
 ``VLMQ_TEST_DEVICE=cuda`` runs the Linear and tiny model checks on a GPU, through the Triton
-quantiser, the engine's CUDA graphs and compiled kernels; ``bench.fp8_check`` times the
-full-size GEMMs."""
+quantiser, GEMV and GEMM, the engine's CUDA graphs and compiled kernels; ``bench.fp8_check`` times
+the full-size GEMMs."""
 
 from __future__ import annotations
 
@@ -91,6 +91,22 @@ def test_activation_kernel_equals_quantize_rows() -> None:
         # Triton's fp32 division may differ from torch's in the last bit: one e4m3 step at most.
         step = q_ref.float().abs() * 2**-3 + 2**-9
         assert torch.all((q.float() - q_ref.float()).abs() <= step)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Triton GEMV and GEMM run on CUDA")
+def test_kernels_match_their_references_at_every_row_count() -> None:
+    from worker.model.fp8 import matmul_kernels_serve
+
+    assert matmul_kernels_serve(torch.device(DEVICE))
+    lin = linear(96, 256, seed=6)
+    fp8 = Fp8Linear.from_linear(lin)
+    for rows in (1, 2, 16, 64, 65):  # the GEMV, the GEMM, and cuBLASLt past 64 rows
+        x = activations(rows, 256, seed=rows)
+        q, scale = quantize_rows(x)
+        reference = (q.float() * scale) @ fp8.dequantized().t()
+        out = fp8(x).float()
+        atol = 1e-3 * reference.abs().amax(-1, keepdim=True)
+        assert torch.all((out - reference).abs() <= reference.abs() * 2**-8 + atol), rows
 
 
 def test_fp8_linear_keeps_leading_dims() -> None:

@@ -165,9 +165,11 @@ class SlotCache:
 
     def release(self, slot: int) -> None:
         """Make a finished slot an inert padded row (its cross K/V stay, for reuse)."""
-        self.active[slot] = 0
-        self.positions[slot] = self.parking
-        self.greedy[slot] = True
+        # A fill of a one-row slice is a kernel launch; ``active[slot] = 0`` would copy a CPU
+        # scalar over and wait for the decode step in flight (~a step per finished request).
+        self.active[slot : slot + 1].fill_(0)
+        self.positions[slot : slot + 1].fill_(self.parking)
+        self.greedy[slot : slot + 1].fill_(True)
 
     def copy_cross(self, src: int, dst: int) -> None:
         self.cross_k[:, dst].copy_(self.cross_k[:, src])

@@ -40,8 +40,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rows` of an activation: one Triton kernel on CUDA where its probe passed
-    (:func:`kernel_serves`), torch ops elsewhere."""
-    if x.device.type != "cuda" or not kernel_serves(x.device):
+    (:func:`quantiser_serves`), torch ops elsewhere."""
+    if x.device.type != "cuda" or not quantiser_serves(x.device):
         return quantize_rows(x)
     from worker.model.fp8_kernel import quantize_rows_kernel  # Triton: CUDA hosts only
 
@@ -49,7 +49,7 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def kernel_serves(device: torch.device) -> bool:
+def quantiser_serves(device: torch.device) -> bool:
     """Whether the Triton quantiser compiles on ``device`` and agrees with
     :func:`quantize_rows` (scales equal, codes within one e4m3 step); probed once, at load."""
     x = torch.linspace(-3.0, 5.0, 3 * 640, device=device).view(3, 640).bfloat16()
@@ -68,6 +68,50 @@ def kernel_serves(device: torch.device) -> bool:
     if not agrees:
         logger.warning("fp8 activations are quantised by torch ops: the kernel disagreed")
     return agrees
+
+
+# The probe's tolerance for the GEMV and GEMM: max |kernel - reference| / max |reference|, the
+# reference being fp32 sums of the same e4m3 values (only the summation order differs).
+PROBE_TOLERANCE = 1e-2
+
+
+@functools.cache
+def matmul_kernels_serve(device: torch.device) -> bool:
+    """Whether the Triton GEMV and GEMM compile on ``device`` at every tile shape they may
+    launch (a card with less shared memory may refuse some) and agree with
+    dequantise-then-matmul; probed once, at load, after :func:`quantiser_serves`."""
+    if not quantiser_serves(device):
+        return False
+    generator = torch.Generator(device=device).manual_seed(0)
+    weight, w_scale = quantize_rows(
+        torch.randn(256, 2048, generator=generator, device=device).bfloat16()
+    )
+    w_scale = w_scale.t().contiguous()
+    dequantized = weight.float() * w_scale.t()
+    x = torch.randn(64, 2048, generator=generator, device=device).bfloat16()
+    q, q_scale = quantize_rows(x)  # per row: the GEMV quantises x[:1] to q[:1] itself
+    reference = (q.float() * q_scale) @ dequantized.t()
+    try:
+        from worker.model import fp8_kernel as kernel
+
+        products = [
+            (kernel.fp8_gemv(x[:1], weight, w_scale, tiles, FP8_MAX, _MIN_AMAX), reference[:1])
+            for tiles in kernel.ALL_GEMV_TILES
+        ] + [
+            (kernel.fp8_matmul(q[:rows], q_scale[:rows], weight, w_scale, tiles), reference[:rows])
+            for tiles in kernel.ALL_MATMUL_TILES
+            for rows in (5, 20, 64)  # each row tile (16, 32, 64): the larger need more memory
+        ]
+        errors = [
+            ((out.float() - ref).abs().max() / ref.abs().max()).item() for out, ref in products
+        ]
+    except Exception as exc:  # a compiler or launch failure: cuBLASLt's GEMMs instead
+        logger.warning("fp8 Linears run cuBLASLt's GEMMs: a Triton GEMV or GEMM failed: %s", exc)
+        return False
+    if max(errors) > PROBE_TOLERANCE:
+        logger.warning("fp8 Linears run cuBLASLt's GEMMs: the Triton ones disagreed: %s", errors)
+        return False
+    return True
 
 
 class Fp8Linear(nn.Module):
@@ -95,6 +139,12 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if rows.device.type == "cuda" and matmul_kernels_serve(rows.device):
+            from worker.model.fp8_kernel import linear  # Triton: CUDA hosts only
+
+            out = linear(rows, self.weight, self.scale, FP8, FP8_MAX, _MIN_AMAX)
+            if out is not None:
+                return out.view(*x.shape[:-1], self.out_features)
         q, scale = quantize_activation(rows)
         # weight.t() of a row-major [out, in] is the column-major [in, out] _scaled_mm wants.
         out = torch._scaled_mm(
@@ -142,7 +192,7 @@ def quantize_language_model(model: nn.Module) -> int:
     devices = {model.get_submodule(name).weight.device for name in targets}
     for device in devices:
         if device.type == "cuda":
-            kernel_serves(device)  # probed at load, not inside a CUDA graph capture
+            matmul_kernels_serve(device)  # probed at load, not inside a CUDA graph capture
     return len(targets)
 
 
