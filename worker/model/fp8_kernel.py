@@ -10,9 +10,9 @@ a W8A8 tensor-core GEMM for a few rows.
 - The GEMM (2-64 rows): the quantised activation against the e4m3 weights on fp8 tensor cores,
   with the weight as the MMA's wide operand (``W @ x^T``: the many outputs fill the tile, the
   few rows pad it), both scales applied to the fp32 sums.
-cuBLASLt's rowwise ``_scaled_mm`` reached no more than bf16's speed at these row counts
-(BENCHMARKS.md, issue 12); these kernels read the weights at 58-78 % of an H200's bandwidth. The
-tile shapes are the best of a sweep on an H200 over the 11B's decode shapes.
+At these row counts cuBLASLt's rowwise ``_scaled_mm`` took 0.74-1.44x bf16's time on an H200,
+these kernels 0.56-0.85x (BENCHMARKS.md, issue 12). The tile shapes are the best of a sweep on
+an H200 over the 11B's decode shapes (``python -m bench.fp8_check --tiles`` reruns it).
 """
 
 from __future__ import annotations
