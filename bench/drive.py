@@ -87,6 +87,7 @@ class TimedSteps:
         self._target = target
         self._on_error = on_error
         self.steps: list[list[float]] = []
+        self.engine_ms: list[float] = []  # each step's decode time by the engine's timer
         self.error: Exception | None = None
 
     def room(self) -> int:
@@ -121,6 +122,7 @@ class TimedSteps:
             steps = after["decode_steps"] - before["decode_steps"]
             fresh = after["tokens"] - before["tokens"] - (after["admitted"] - before["admitted"])
             decoding = fresh / steps if steps else 0.0
+            self.engine_ms.append(after["decode_ms"] - before["decode_ms"])
         self.steps.append([start, time.time(), report.rows, decoding])
         return report
 
@@ -260,6 +262,13 @@ def drive(
 def serve_now(target: Target, requests: Sequence[tuple[RequestSpec, bytes]]) -> list[Outcome]:
     """Serve ``requests`` (all arrived now) through the worker's loop until the executor is
     idle; one outcome per request, in order."""
+    return serve_timed(target, requests)[0]
+
+
+def serve_timed(
+    target: Target, requests: Sequence[tuple[RequestSpec, bytes]]
+) -> tuple[list[Outcome], TimedSteps]:
+    """:func:`serve_now`, with the record of its steps."""
     outcomes: dict[str, Outcome] = {}
 
     def finish(completions: Sequence[Completion]) -> None:
@@ -278,7 +287,7 @@ def serve_now(target: Target, requests: Sequence[tuple[RequestSpec, bytes]]) -> 
     loop.run()
     if timed.error is not None:
         raise timed.error
-    return [outcomes[task_id] for task_id in ids]
+    return [outcomes[task_id] for task_id in ids], timed
 
 
 def serve_alone(target: Target, spec: RequestSpec, data: bytes) -> tuple[float, Outcome]:
@@ -323,31 +332,25 @@ def probe_full_batch(
 ) -> dict[str, float]:
     """Decode ms per step with ``rows`` rows decoding and nothing being admitted: ``rows``
     requests of one image (encoded once, its cross-attention cache copied to every slot) with
-    answers of ``k``, then of ``2 k`` tokens. Every request is admitted within the first ``k``
-    steps, so the longer run adds ``k`` steps at ``rows`` rows: (time(2 k) - time(k)) / k, and
-    with an engine its timer's difference over its step count's (``engine_step_ms``)."""
-
-    def run(tokens: int) -> tuple[float, dict[str, float] | None]:
-        request = (dataclasses.replace(spec, answer_tokens=tokens), data)
-        before = target.engine_counters()
-        t0 = time.perf_counter()
-        outcomes = serve_now(target, [request] * rows)
-        seconds = time.perf_counter() - t0
-        errors = [o.error for o in outcomes if o.error is not None]
-        if errors:
-            raise RuntimeError(f"{target.label}: a full-batch probe request failed: {errors[0]}")
-        after = target.engine_counters()
-        delta = {name: after[name] - before[name] for name in after} if before and after else None
-        return seconds, delta
-
-    short, short_counters = run(k)
-    long, long_counters = run(2 * k)
-    out = {"rows": rows, "k": k, "step_ms": (long - short) / k * 1000.0}
-    if short_counters and long_counters:
-        steps = long_counters["decode_steps"] - short_counters["decode_steps"]
-        if steps > 0:
-            ms = long_counters["decode_ms"] - short_counters["decode_ms"]
-            out["engine_step_ms"] = ms / steps
+    answers of ``k`` tokens, timed over the steps in which every row decoded and none was
+    admitted (between the last admission and the first answer): the wall time between those
+    steps' ends (``step_ms``) and, with an engine, its timer (``engine_step_ms``). Also where
+    those steps sit in the answers (``mean_position``, tokens), for the floor's caches."""
+    request = (dataclasses.replace(spec, answer_tokens=k), data)
+    outcomes, timed = serve_timed(target, [request] * rows)
+    errors = [o.error for o in outcomes if o.error is not None]
+    if errors:
+        raise RuntimeError(f"{target.label}: a full-batch probe request failed: {errors[0]}")
+    full = [i for i, step in enumerate(timed.steps) if step[3] == rows]
+    out: dict[str, float] = {"rows": rows, "k": k, "full_steps": len(full)}
+    if len(full) < 2:
+        return out
+    ends = [timed.steps[i][1] for i in full]
+    out["step_ms"] = (ends[-1] - ends[0]) / (len(full) - 1) * 1000.0
+    decoding = [i for i, step in enumerate(timed.steps) if step[3] > 0]
+    out["mean_position"] = sum(decoding.index(i) for i in full) / len(full)
+    if timed.engine_ms:
+        out["engine_step_ms"] = sum(timed.engine_ms[i] for i in full[1:]) / (len(full) - 1)
     return out
 
 

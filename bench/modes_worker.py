@@ -56,11 +56,12 @@ def mode_c(bench: Bench, key: str) -> None:
             f"{mode['lone']['latency_s']:.2f} s")  # fmt: skip
         full = mode["probe_full"] = probe_full_batch(
             target, bench.probe_spec, bench.fresh_images(1)[0], target.max_batch,
-            k=2 * bench.args.probe_tokens,
+            k=4 * bench.args.probe_tokens,
         )  # fmt: skip
         log(
-            f"c: {full['rows']} rows decoding, nothing admitted: {full['step_ms']:.1f} ms per "
-            f"step (engine timer {full.get('engine_step_ms', float('nan')):.1f} ms)"
+            f"c: {full['rows']} rows decoding, nothing admitted ({full['full_steps']} steps): "
+            f"{full.get('step_ms', float('nan')):.1f} ms per step (engine timer "
+            f"{full.get('engine_step_ms', float('nan')):.1f} ms)"
         )
         runs = closed_and_rates(bench, key, target, rates(bench.args.rates_c), stop_at)
     finally:

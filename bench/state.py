@@ -200,8 +200,8 @@ class Bench:
         if batch:
             mode["floor"]["at_batch"] = decode_floor_ms(batch=batch, **kw)
         full = mode.get("probe_full")
-        if full:  # its added steps run at positions k .. 2 k of the probe's answers
-            kw["context_tokens"] = (h.get("mean_prompt_tokens") or 40) + 1.5 * full["k"]
+        if full and full.get("mean_position") is not None:  # where its timed steps sit
+            kw["context_tokens"] = (h.get("mean_prompt_tokens") or 40) + full["mean_position"]
             mode["floor"]["full_batch"] = decode_floor_ms(batch=full["rows"], **kw)
 
     def start_mode(self, key: str, label: str) -> dict:
