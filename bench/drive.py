@@ -347,8 +347,9 @@ def probe_full_batch(
         return out
     ends = [timed.steps[i][1] for i in full]
     out["step_ms"] = (ends[-1] - ends[0]) / (len(full) - 1) * 1000.0
-    decoding = [i for i, step in enumerate(timed.steps) if step[3] > 0]
-    out["mean_position"] = sum(decoding.index(i) for i in full) / len(full)
+    # A step's position in the answers: how many decoding steps came before it.
+    position = {i: n for n, i in enumerate(i for i, step in enumerate(timed.steps) if step[3])}
+    out["mean_position"] = sum(position[i] for i in full) / len(full)
     if timed.engine_ms:
         out["engine_step_ms"] = sum(timed.engine_ms[i] for i in full[1:]) / (len(full) - 1)
     return out

@@ -34,23 +34,24 @@ class Tiles(NamedTuple):
     stages: int
 
 
+GEMV_WIDE = Tiles(16, 256, 4, 3)  # 16,384 outputs or more (gate/up)
+GEMV_NARROW = Tiles(8, 1024, 4, 2)  # 4,096 or fewer (o, down)
+GEMV_MIDDLE = Tiles(16, 512, 8, 2)  # between (q/k/v)
+MATMUL_WIDE = Tiles(64, 128, 4, 3)  # 16,384 outputs or more at over 16 rows
+MATMUL = Tiles(64, 256, 4, 5)
+#: Every tile shape :func:`linear` may launch, for the start-up probe.
+ALL_GEMV_TILES = (GEMV_WIDE, GEMV_NARROW, GEMV_MIDDLE)
+ALL_MATMUL_TILES = (MATMUL_WIDE, MATMUL)
+
+
 def gemv_tiles(out_features: int) -> Tiles:
     if out_features >= 16384:
-        return Tiles(16, 256, 4, 3)
-    if out_features <= 4096:
-        return Tiles(8, 1024, 4, 2)
-    return Tiles(16, 512, 8, 2)
+        return GEMV_WIDE
+    return GEMV_NARROW if out_features <= 4096 else GEMV_MIDDLE
 
 
 def matmul_tiles(rows: int, out_features: int) -> Tiles:
-    if out_features >= 16384 and rows > 16:
-        return Tiles(64, 128, 4, 3)
-    return Tiles(64, 256, 4, 5)
-
-
-#: Every tile shape :func:`linear` may launch, for the start-up probe.
-ALL_GEMV_TILES = (gemv_tiles(16384), gemv_tiles(4096), gemv_tiles(6144))
-ALL_MATMUL_TILES = (matmul_tiles(64, 16384), matmul_tiles(1, 4096))
+    return MATMUL_WIDE if out_features >= 16384 and rows > 16 else MATMUL
 
 
 @triton.jit
