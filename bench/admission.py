@@ -1,6 +1,7 @@
 """Admission, part by part, on the worker's own modules: the vision tower per real tile count
 against HF's padded encoder and against its compute floor, the projector + cross K/V, the text
-prefill, SDPA backends at the tower's shapes, and bf16 agreement of the cross-attention states.
+prefill, SDPA backends at the tower's shapes, the tower's kernels by kind, bf16 agreement of
+the cross-attention states, and issue 10's admission goals.
 
     python -m bench.admission [--model 11b] [--out docs/bench] [--name NAME]
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.model_factory import build_config, build_random_model
+from bench.profile_decode import kernel_table
 from worker.engine.images import ImageEncoder, ImageJob, PhaseClock
 from worker.engine.inputs import PreparedRequest
 from worker.engine.parts import MllamaParts
@@ -134,6 +136,24 @@ def vision_table(config, parts, reps: int, rate: float) -> list[dict]:
             )
     rows.append({"capture_s": capture_s})
     return rows
+
+
+def profile_table(config, parts) -> dict:
+    """Kernels of one eager vision call by kind: 4 images of each of 1 and 4 real tiles, exact."""
+    tower = VisionTower(parts.vision, skip_padding_tiles=False)
+    out = {}
+    for tiles in (1, 4):
+        values, ratios, _ = pixels(config, tiles, 4, parts.device)
+        with torch.inference_mode():
+            out[f"{tiles}_tiles_x4"] = table = kernel_table(
+                lambda v=values, r=ratios, t=tiles: tower(v, r, t)
+            )
+        print(
+            f"profile {tiles} tiles x4: {table['kernel_ms']:.1f} ms, "
+            + ", ".join(f"{k} {v['ms']:.1f}" for k, v in table["by_kind"].items()),
+            flush=True,
+        )
+    return out
 
 
 def agreement_table(config, parts) -> list[dict]:
@@ -275,13 +295,37 @@ def admission_parts(config, parts, reps: int) -> dict:
     return out
 
 
+def admission_targets(encoder: dict, floors: dict, rate: float) -> list[dict]:
+    """Issue 10's admission goals from the encoder part: a request's admission (vision,
+    projector + cross K/V, and its share of a graphed prefill of 8 prompts) of 4 tiles over its
+    compute floor (<= 1.5x), and of 1 tile over 4 (<= 0.35), for each padding-tile mode."""
+    prefill = encoder["text_prefill_8x40_graph_ms_per_request"]
+
+    def admission(mode: str, tiles: int) -> float:
+        part = encoder[f"{mode}_{tiles}tile"]
+        return part["vision_ms"] + part["projector_cross_kv_ms"] + prefill
+
+    floor4 = (floors[4]["vision"] + floors[4]["cross_kv"]) / (rate * 1e12) * 1000
+    rows = []
+    for mode in ("exact", "skip"):
+        four = admission(mode, 4)
+        for target, value, goal in (
+            (f"4-tile admission / its floor, {mode}", four / floor4, 1.5),
+            (f"1-tile / 4-tile admission, {mode}", admission(mode, 1) / four, 0.35),
+        ):
+            rows.append({"target": target, "value": round(value, 3), "goal": f"<= {goal}",
+                         "pass": value <= goal})  # fmt: skip
+            print(f"target {target}: {value:.3f} (goal <= {goal})", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.admission", description=__doc__)
     p.add_argument("--model", default="11b", choices=["11b", "mini"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     p.add_argument("--name", default=None)
-    p.add_argument("--parts", default="sdpa,vision,encoder,agreement")
+    p.add_argument("--parts", default="sdpa,vision,encoder,profile,agreement")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     wanted = set(args.parts.split(","))
@@ -297,9 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         results["vision"] = vision_table(config, parts, args.reps, rate)
     if "encoder" in wanted:
         results["encoder"] = admission_parts(config, parts, args.reps)
+    if "profile" in wanted:
+        results["profile"] = profile_table(config, parts)
     if "agreement" in wanted:
         results["agreement"] = agreement_table(config, parts)
-    results["floors"] = {t: vision_flops(config, t) for t in (1, 2, 3, 4)}
+    results["floors"] = floors = {t: vision_flops(config, t) for t in (1, 2, 3, 4)}
+    if "encoder" in wanted:
+        results["targets"] = admission_targets(results["encoder"], floors, rate)
     name = args.name or f"admission-{time.strftime('%Y-%m-%d')}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str))

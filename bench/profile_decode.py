@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,14 +71,15 @@ def time_replays(graphs: DecodeGraphs, rows: int, length: int, iters: int) -> fl
     return (time.perf_counter() - t0) * 1000.0 / iters
 
 
-def kernel_table(step: DecodeStep, rows: int, length: int) -> dict:
-    """Kernels of one eager step: count and device time per kind, and the heaviest names."""
-    step(rows, length)
+def kernel_table(run: Callable[[], object]) -> dict:
+    """Kernels of one eager call of ``run`` (after one untimed call): count and device time per
+    kind, and the heaviest names."""
+    run()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        step(rows, length)
+        run()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
@@ -171,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({label: report["variants"][label]}), flush=True)
             write(args.out, report, rows_list)
         for label, step in variants.items():
-            report["variants"][label]["profile_rows1"] = kernel_table(step, 1, args.length)
+            report["variants"][label]["profile_rows1"] = kernel_table(
+                lambda step=step: step(1, args.length)
+            )
             report["variants"][label]["profile_rows_max"] = kernel_table(
-                step, rows_list[-1], args.length
+                lambda step=step: step(rows_list[-1], args.length)
             )
             write(args.out, report, rows_list)
 

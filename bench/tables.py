@@ -27,14 +27,14 @@ from bench.report import (
 )
 from worker.settings import QUANTIZED
 
-TARGET_HEADER = ["target", "value", "goal", "pass", "note"]
+TARGET_HEADER = ["issue", "target", "value", "goal", "pass", "note"]
 
 
 def target_rows(results: dict) -> list[list[str]]:
     """The targets as table rows."""
     marks = {True: "PASS", False: "FAIL", None: "-"}
     return [
-        [t["target"], t["value"], t["goal"], marks[t["pass"]], t["note"]]
+        [t["issue"], t["target"], t["value"], t["goal"], marks[t["pass"]], t["note"]]
         for t in results.get("targets") or targets(results)
     ]
 
@@ -265,7 +265,7 @@ def markdown(results: dict) -> str:
             "",
             *facts(results),
             "",
-            "## Targets (issue 4)",
+            "## Targets (issues 4, 10, 11, 12)",
             "",
             md_table(TARGET_HEADER, target_rows(results)),
             "",

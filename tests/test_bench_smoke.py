@@ -102,7 +102,7 @@ def test_smoke_run_answers_every_request_in_every_mode(tmp_path: Path) -> None:
     assert any("(c) / (a)" in n for n in names) and any("(d) / (c)" in n for n in names)
     text = (tmp_path / "smoke.md").read_text()
     assert "(d) producer -> Redis -> Celery worker" in text
-    assert "## Targets (issue 4)" in text
+    assert "## Targets (issues 4, 10, 11, 12)" in text
 
 
 def test_steady_window_and_targets() -> None:
@@ -138,7 +138,7 @@ def test_steady_window_and_targets() -> None:
             "b": mode(40.0),
             "cb": mode(50.0),
             "c": mode(100.0, probe={"step_ms": 8.0}, lone={"latency_s": 1.0}, more=[half]),
-            "d": mode(96.0, worker={"ready_s": 90.0}),
+            "d": mode(96.0, worker={"ready_s": 45.0}),
         },
     }
     report.add_ratios(results)
@@ -153,6 +153,45 @@ def test_steady_window_and_targets() -> None:
     assert verdict["worker ready, s (d)"] is True
     assert verdict["GPU util % while saturated (c)"] is None
     assert "FAIL" not in tables.markdown(results)
+
+
+def test_open_issues_targets() -> None:
+    """Issues 10 and 11's goals, each from this run's own figures, on the card kind and length
+    scale of the run (no goal where no figure from before exists)."""
+    from bench import report
+
+    closed = {"name": "closed", "schedule": "closed", "n_ok": 1, "output_tokens_per_s": 900.0,
+              "images_per_s": 14.0, "longest_decode_gap_ms": 48.0,
+              "longest_decode_gap_steps": 2.3}  # fmt: skip
+    c = {
+        "summaries": [closed],
+        "probe": {"step_ms": 7.7, "engine_step_ms": 7.57},
+        "probe_full": {"rows": 64, "engine_step_ms": 14.5, "step_ms": 15.8},
+        "floor": {"batch1": {"floor_ms": 6.22}, "full_batch": {"floor_ms": 11.0}},
+    }
+
+    def verdicts(card: str, scale: float) -> dict:
+        results = {"device": {"name": card}, "workload": {"length_scale": scale},
+                   "modes": {"c": c}}  # fmt: skip
+        return {(t["issue"], t["target"]): t for t in report.targets(results)}
+
+    rows = verdicts("NVIDIA H100 80GB HBM3", 0.25)
+    assert rows["11", "decode step at batch 1 / its floor (c)"]["pass"] is True  # 1.217x
+    full = rows["11", "decode step at 64 decoding rows / its floor (c)"]
+    assert (full["value"], full["pass"]) == ("1.318x", False)
+    assert "asks for --length-scale 1" in full["note"]
+    assert rows["10", "longest decode gap in the saturating loop (c), steps"]["pass"] is True
+    tok = rows["10", "saturated tok/s, (c) / before the admission work"]
+    assert (tok["value"], tok["goal"], tok["pass"]) == ("2.03x", ">= 3.0x", False)
+    assert "run 3" in tok["note"]
+    # At x1 on an H200 only tok/s has a figure from before (1,433), and the goal is 1.5x.
+    rows = verdicts("NVIDIA H200", 1.0)
+    tok = rows["10", "saturated tok/s, (c) / before the admission work"]
+    assert (tok["goal"], tok["pass"]) == (">= 1.5x", False)
+    assert ("10", "saturated img/s, (c) / before the admission work") not in rows
+    assert "asks for" not in rows["11", "decode step at 64 decoding rows / its floor (c)"]["note"]
+    rows = verdicts("NVIDIA L40S", 0.25)
+    assert rows["10", "saturated tok/s, (c) / before the admission work"]["pass"] is None
 
 
 def test_throughput_ratios_are_like_for_like() -> None:
@@ -233,3 +272,20 @@ def test_full_size_architecture_tokenizer_and_tiles() -> None:
     images = [[Image.open(io.BytesIO(workload.image_bytes(s))).convert("RGB")] for s in specs]
     inputs = processor.image_processor(images, return_tensors="pt")
     assert inputs["aspect_ratio_mask"].sum(dim=-1).flatten().tolist() == [1, 2, 3, 4]
+
+
+def test_admission_targets() -> None:
+    """Issue 10's admission goals as bench.admission computes them (H100 figures, 2026-12-05)."""
+    from bench.admission import admission_targets
+
+    def part(vision: float, cross: float) -> dict:
+        return {"vision_ms": vision, "projector_cross_kv_ms": cross}
+
+    encoder = {"exact_1tile": part(32.7, 3.6), "exact_4tile": part(45.7, 3.6),
+               "skip_1tile": part(7.9, 0.9), "skip_4tile": part(46.0, 3.6),
+               "text_prefill_8x40_graph_ms_per_request": 3.6}  # fmt: skip
+    floors = {4: {"vision": 18.48e12, "cross_kv": 1.26e12}}
+    rows = {r["target"]: r for r in admission_targets(encoder, floors, rate=785.7)}
+    assert rows["4-tile admission / its floor, exact"]["value"] == 2.106
+    assert rows["1-tile / 4-tile admission, skip"]["pass"] is True  # 0.23
+    assert rows["1-tile / 4-tile admission, exact"]["pass"] is False  # 0.76
