@@ -155,7 +155,8 @@ def ensure_batch(bench: Bench) -> int:
 
 
 def slots_that_fit(bench: Bench, model: Any) -> int:
-    """The slots the engine's planner would choose by itself for the workload's lengths."""
+    """The slots the engine's planner would choose by itself for the workload's lengths (and
+    the bench's memory cap, as the worker's factory passes it)."""
     parts = MllamaParts(model)
     try:
         capacity = plan_capacity(
@@ -166,6 +167,7 @@ def slots_that_fit(bench: Bench, model: Any) -> int:
             max_slots=None,
             max_seq_len=bench.limits.max_new_tokens + PROMPT_TOKENS,
             memory_fraction=0.9,
+            memory_limit=bench.args.gpu_memory_gib * 2**30 or None,
         )
     except ValueError:
         return 0

@@ -82,6 +82,8 @@ def system_mode(bench: Bench, key: str, gpus: tuple[str, ...]) -> None:
         out_dir=a.out,
         engine="continuous",
         max_new_tokens=bench.limits.max_new_tokens,
+        padding_tiles=a.padding_tiles,
+        gpu_memory_gib=a.gpu_memory_gib,
         tag=key,
         gpus=gpus,
     )

@@ -46,6 +46,8 @@ FULL_ROWS = 48
 #: Issue 12, per quantized mode: (decode step at batch 1 / bf16's at most, saturated tok/s /
 #: bf16's at least).
 QUANTIZED_GOALS = {"nf4": (0.50, 1.0), "fp8": (0.65, 1.3)}
+#: Issue 12's memory goal for nf4: (slots at least, of this many tokens, within this cap in GiB).
+NF4_MEMORY_GOAL = (16, 2560, 24)
 #: Issue 10's baseline: (c)'s saturated throughput before the admission work, per card kind
 #: and answer-length scale, as (tok/s, img/s or None, where it was measured); and the factor
 #: the issue asks for at each scale.
@@ -362,6 +364,8 @@ def targets(results: dict) -> list[dict]:
         row("12", f"saturated tok/s, {key} / bf16 (c)", ratio, "{:.3f}x", f">= {tok_goal}x",
             ratio is not None and ratio >= tok_goal, f"{basis}; issue 12 measures at "
             "--length-scale 1")  # fmt: skip
+    if "nf4" in modes:
+        _memory_row(row, modes["nf4"])
     return rows
 
 
@@ -383,6 +387,23 @@ def _throughput_rows(row: Callable[..., None], sat: dict, card: str, scale: floa
         row("10", f"saturated {unit}, (c) / before the admission work", value, "{:.2f}x",
             f">= {gain}x", value is not None and value >= gain,
             f"{_f(mine)} against {theirs:g} ({where}); the bench's saturated figure")  # fmt: skip
+
+
+def _memory_row(row: Callable[..., None], nf4: dict) -> None:
+    """Issue 12's memory goal, where nf4 ran under a memory cap (``--gpu-memory-gib``): its
+    engine's slots, their length, and torch's peak reserved memory against the cap."""
+    engine = nf4.get("engine") or {}
+    cap = engine.get("memory_limit_gib")
+    if not cap:
+        return
+    slots, tokens = engine.get("slots") or 0, engine.get("max_seq_len") or 0
+    peak = (nf4.get("peak_mem") or {}).get("torch_peak_reserved")
+    want_slots, want_tokens, want_cap = NF4_MEMORY_GOAL
+    ok = (slots >= want_slots and tokens >= want_tokens and cap <= want_cap
+          and peak is not None and peak <= cap * GIB)  # fmt: skip
+    row("12", f"nf4 slots of {tokens} tokens within {cap} GiB", slots, "{:.0f}",
+        f">= {want_slots} of {want_tokens:,} tokens within {want_cap} GiB", ok,
+        f"torch peak reserved {_f(peak, '{:.2f}', 1 / GIB)} GiB over the mode")  # fmt: skip
 
 
 def _ratio(top: float | None, bottom: float | None) -> float | None:

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the worker's VLMQ_PADDING_TILES, for every mode that runs the worker's engine",
     )
     p.add_argument(
+        "--gpu-memory-gib",
+        type=int,
+        default=int(os.environ.get("VLMQ_GPU_MEMORY_GIB", "0")),
+        help="the worker's VLMQ_GPU_MEMORY_GIB (0: no cap), for every mode that runs the "
+        "worker's engine: its tensors, weights included, stay within this many GiB",
+    )
+    p.add_argument(
         "--closed-window-s",
         type=float,
         help="arrivals of the engine's saturating closed loop (c, d, quantized) last this long "

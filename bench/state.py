@@ -130,6 +130,7 @@ class Bench:
             max_batch_size=slots,
             max_wait_ms=self.args.max_wait_ms,
             padding_tiles=self.args.padding_tiles,
+            gpu_memory_gib=self.args.gpu_memory_gib,
             limits=self.limits,
         )
 

@@ -38,6 +38,8 @@ class SystemConfig:
     tag: str = "d"
     engine: str = "continuous"  # VLMQ_ENGINE
     max_new_tokens: int | None = None  # VLMQ_MAX_NEW_TOKENS: sizes the engine's slots
+    padding_tiles: str = "encode"  # VLMQ_PADDING_TILES
+    gpu_memory_gib: int = 0  # VLMQ_GPU_MEMORY_GIB
     gpus: tuple[str, ...] = ()  # set: ``vlmq worker --gpus`` (one worker per GPU), else one
 
 
@@ -63,6 +65,8 @@ class WorkerProcess:
             "VLMQ_MAX_BATCH_SIZE": str(c.max_batch),
             "VLMQ_MAX_WAIT_MS": str(c.max_wait_ms),
             "VLMQ_ENGINE": c.engine,
+            "VLMQ_PADDING_TILES": c.padding_tiles,
+            "VLMQ_GPU_MEMORY_GIB": str(c.gpu_memory_gib),
             "VLMQ_WARMUP": "1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_VERBOSITY": "error",

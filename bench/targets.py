@@ -213,6 +213,7 @@ def worker_target(model: Any, processor: Any, settings: WorkerSettings, label: s
         "cuda_graphs": engine.graph_capture_s > 0,
         "slots": engine.max_slots,
         "max_seq_len": engine.max_seq_len,
+        "memory_limit_gib": settings.gpu_memory_gib or None,
         "cache_bytes": engine.cache.nbytes,
         "eos_token_ids": sorted(engine.eos_token_ids),
         "lm_head_rows": engine.parts.geometry.vocab_size,

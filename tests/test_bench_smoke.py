@@ -194,6 +194,25 @@ def test_open_issues_targets() -> None:
     assert rows["10", "saturated tok/s, (c) / before the admission work"]["pass"] is None
 
 
+def test_nf4_memory_target() -> None:
+    """Issue 12's memory goal: a row only where nf4 ran under a cap; slots, their length and
+    torch's peak reserved memory all count."""
+    from bench import report
+
+    def rows(cap, slots: int, tokens: int, peak_gib: float) -> list[dict]:
+        nf4 = {"engine": {"memory_limit_gib": cap, "slots": slots, "max_seq_len": tokens},
+               "peak_mem": {"torch_peak_reserved": peak_gib * 2**30}}  # fmt: skip
+        results = {"device": {"name": "NVIDIA H100"}, "modes": {"c": {}, "nf4": nf4}}
+        return [t for t in report.targets(results) if t["target"].startswith("nf4 slots")]
+
+    assert rows(None, 64, 2560, 40.0) == []
+    (ok,) = rows(24, 19, 2560, 23.1)
+    assert (ok["value"], ok["pass"]) == ("19", True)
+    assert rows(24, 19, 2560, 24.5)[0]["pass"] is False  # over the cap
+    assert rows(24, 19, 640, 20.0)[0]["pass"] is False  # slots too short
+    assert rows(24, 12, 2560, 20.0)[0]["pass"] is False  # too few
+
+
 def test_throughput_ratios_are_like_for_like() -> None:
     from bench import report
 
