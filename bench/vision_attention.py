@@ -52,6 +52,47 @@ SHAPES = (("4 tiles", 4, 4), ("1 tile of 4, encoded", 4, 1), ("1 tile, padding s
 
 
 @triton.jit
+def _attend(
+    acc_a, acc_b, row_max, row_sum, q_a, q_b, k_ptr, v_ptr, offs_m, lo, hi, length, real,
+    stride_s, scale_log2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over keys ``lo:hi`` (whole blocks of ``BLOCK_N``). ``MASKED``: keys past
+    ``length`` and, for queries past ``real``, keys past ``real`` are not seen."""
+    dim_a = tl.arange(0, 64)
+    dim_b = 64 + tl.arange(0, 16)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        cols = offs_n[None, :] * stride_s
+        rows_n = offs_n[:, None] * stride_s
+        if MASKED:
+            in_n = offs_n < length
+            k_a = tl.load(k_ptr + cols + dim_a[:, None], mask=in_n[None, :], other=0.0)
+            k_b = tl.load(k_ptr + cols + dim_b[:, None], mask=in_n[None, :], other=0.0)
+        else:
+            k_a = tl.load(k_ptr + cols + dim_a[:, None])
+            k_b = tl.load(k_ptr + cols + dim_b[:, None])
+        scores = (tl.dot(q_a, k_a) + tl.dot(q_b, k_b)) * scale_log2
+        if MASKED:
+            seen = in_n[None, :] & ((offs_m[:, None] < real) | (offs_n[None, :] < real))
+            scores = tl.where(seen, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        rescale = tl.exp2(row_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        p = p.to(k_ptr.dtype.element_ty)
+        if MASKED:
+            v_a = tl.load(v_ptr + rows_n + dim_a[None, :], mask=in_n[:, None], other=0.0)
+            v_b = tl.load(v_ptr + rows_n + dim_b[None, :], mask=in_n[:, None], other=0.0)
+        else:
+            v_a = tl.load(v_ptr + rows_n + dim_a[None, :])
+            v_b = tl.load(v_ptr + rows_n + dim_b[None, :])
+        acc_a = acc_a * rescale[:, None] + tl.dot(p, v_a)
+        acc_b = acc_b * rescale[:, None] + tl.dot(p, v_b)
+        row_max = new_max
+    return acc_a, acc_b, row_max, row_sum
+
+
+@triton.jit
 def _tile_attention_kernel(
     qkv_ptr, o_ptr, length, real, stride_b, stride_s, stride_ob, stride_os, scale_log2,
     HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -75,28 +116,19 @@ def _tile_attention_kernel(
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, 64), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    # A block with a real query reads every key; a block of padding queries the real ones.
+    # A block of real queries reads every key, its whole key blocks without a mask; a block
+    # with padding queries reads the real keys only, through the mask.
+    all_real = (block + 1) * BLOCK_M <= real
+    unmasked = tl.where(all_real, length // BLOCK_N * BLOCK_N, 0)
     end = tl.where(block * BLOCK_M < real, length, real)
-    for start in range(0, end, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        in_n = offs_n < length
-        cols = offs_n[None, :] * stride_s
-        k_a = tl.load(k_ptr + cols + dim_a[:, None], mask=in_n[None, :], other=0.0)
-        k_b = tl.load(k_ptr + cols + dim_b[:, None], mask=in_n[None, :], other=0.0)
-        scores = tl.dot(q_a, k_a) + tl.dot(q_b, k_b)
-        seen = in_n[None, :] & ((offs_m[:, None] < real) | (offs_n[None, :] < real))
-        scores = tl.where(seen, scores * scale_log2, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        p = p.to(qkv_ptr.dtype.element_ty)
-        rows_n = offs_n[:, None] * stride_s
-        v_a = tl.load(v_ptr + rows_n + dim_a[None, :], mask=in_n[:, None], other=0.0)
-        v_b = tl.load(v_ptr + rows_n + dim_b[None, :], mask=in_n[:, None], other=0.0)
-        acc_a = acc_a * rescale[:, None] + tl.dot(p, v_a)
-        acc_b = acc_b * rescale[:, None] + tl.dot(p, v_b)
-        row_max = new_max
+    acc_a, acc_b, row_max, row_sum = _attend(
+        acc_a, acc_b, row_max, row_sum, q_a, q_b, k_ptr, v_ptr, offs_m, 0, unmasked, length,
+        real, stride_s, scale_log2, BLOCK_N, False,
+    )  # fmt: skip
+    acc_a, acc_b, row_max, row_sum = _attend(
+        acc_a, acc_b, row_max, row_sum, q_a, q_b, k_ptr, v_ptr, offs_m, unmasked, end, length,
+        real, stride_s, scale_log2, BLOCK_N, True,
+    )  # fmt: skip
     out_ptr = o_ptr + image * stride_ob + offs_m[:, None] * stride_os + head * 80
     tl.store(out_ptr + dim_a[None, :], (acc_a / row_sum[:, None]).to(o_ptr.dtype.element_ty),
              mask=in_m[:, None])  # fmt: skip

@@ -24,13 +24,14 @@ from bench.vision_attention import (  # noqa: E402
 )
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float16
-TILES = CANDIDATE_TILES if ON_GPU else (AttentionTiles(32, 16, 1, 1),)
+TILES = CANDIDATE_TILES if ON_GPU else (AttentionTiles(32, 16, 1, 1), AttentionTiles(16, 32, 1, 1))
 
 
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize(
     ("length", "real"),
-    [(48, 48), (70, 37), (70, 10), (33, 1)],  # all real; a block across `real`; padding blocks
+    # all real; real blocks then a masked tail; a block across `real`; padding blocks
+    [(48, 48), (70, 64), (70, 37), (70, 10), (33, 1)],
 )
 def test_candidate_is_the_towers_attention(tiles, length, real):
     torch.manual_seed(0)
