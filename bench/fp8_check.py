@@ -9,7 +9,11 @@
 2. Quality: the random 11B (the bench's model) greedily decodes ``--steps`` tokens for an image
    question in bf16; then bf16 and fp8 (quantised in place, as ``load_model`` does) each score
    that sequence in one forward: relative logits error and top-1 agreement per decode step.
-3. With ``--tiles``: every candidate tile shape of :mod:`worker.model.fp8_kernel`'s GEMV (one
+3. With ``--vision``: the vision tower's GEMMs (q/k/v fused, o, fc1, fc2) at one and at four
+   4-tile images (6,432 and 25,728 rows), bf16 against the fp8 Linear's path for that many
+   rows (the quantiser, then cuBLASLt's rowwise ``_scaled_mm``): what fp8 in the tower would
+   save. The worker keeps the tower in bf16; this says whether it should not.
+4. With ``--tiles``: every candidate tile shape of :mod:`worker.model.fp8_kernel`'s GEMV (one
    row) and GEMM (2-64 rows) on the same shapes, timed the same way, next to the tiles the
    worker picks. Rerun it on a new card kind before trusting the worker's table there.
 
@@ -55,6 +59,10 @@ SHAPES = {
     "down": (4096, 14336),
 }
 ROWS = (1, 8, 16, 32, 64, 128)
+#: (out, in) of the vision tower's GEMMs (32 + 8 layers of each), and its rows per image.
+VISION_SHAPES = {"qkv": (3840, 1280), "o": (1280, 1280), "fc1": (5120, 1280), "fc2": (1280, 5120)}
+VISION_LAYERS = 40
+VISION_ROWS_PER_IMAGE = 4 * 1608
 TILE_ROWS = (1, 2, 8, 16, 32, 64)
 #: Candidate (block_n, block_k, warps, stages) of the GEMV and of the GEMM, for ``--tiles``.
 GEMV_TILES = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (2, 3)))
@@ -153,6 +161,44 @@ def gemm_table(device: str) -> list[dict]:
     return results
 
 
+def vision_table(device: str) -> list[dict]:
+    """The tower's GEMMs in bf16 and through the fp8 Linear, at 1 and 4 images of 4 tiles."""
+    results = []
+    torch.manual_seed(0)
+    for images in (1, 4):
+        rows = images * VISION_ROWS_PER_IMAGE
+        for name, (out_f, in_f) in VISION_SHAPES.items():
+            linear = nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
+            fp8 = Fp8Linear.from_linear(linear)
+            x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16)
+            entry: dict = {"shape": name, "images": images, "rows": rows}
+            try:
+                with torch.inference_mode():
+                    entry["bf16_us"] = graph_us([lambda x=x, w=linear.weight: F.linear(x, w)])
+                    entry["fp8_us"] = graph_us([lambda x=x, f=fp8: f(x)])
+                    entry["rel_err_vs_bf16"] = rel_err(fp8(x), linear(x))
+                entry["ratio"] = entry["fp8_us"] / entry["bf16_us"]
+            except Exception as exc:  # keep the other shapes' numbers
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            results.append(entry)
+            print(f"vision {name} x{images} images: {entry}", flush=True)
+            del linear, fp8, x
+        torch.cuda.empty_cache()
+        done = [e for e in results if e["images"] == images and "error" not in e]
+        if len(done) == len(VISION_SHAPES):
+            per_image = {
+                key: sum(e[f"{key}_us"] for e in done) * VISION_LAYERS / images / 1000
+                for key in ("bf16", "fp8")
+            }
+            results.append({"images": images, "tower_gemm_ms_per_image": per_image})
+            print(
+                f"vision GEMMs per 4-tile image, {images} at a time: bf16 "
+                f"{per_image['bf16']:.1f} ms, fp8 {per_image['fp8']:.1f} ms",
+                flush=True,
+            )
+    return results
+
+
 def kernel_call(x: torch.Tensor, linear: Fp8Linear, tiles: Tiles) -> Callable[[], torch.Tensor]:
     """The kernel the worker runs at ``x``'s row count, with ``tiles``."""
     from worker.model import fp8_kernel as kernel  # Triton: CUDA hosts only
@@ -223,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--steps", type=int, default=300, help="decode steps scored (0: no quality)")
     p.add_argument("--tiles", action="store_true", help="also sweep the kernels' tile shapes")
+    p.add_argument("--vision", action="store_true", help="also the vision tower's GEMMs in fp8")
     args = p.parse_args(argv)
     check_fp8_device(args.device)
     results: dict = {
@@ -244,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['rel_err_vs_dequantized']:>9.5f}"
         )
     print(f"CUDA kernels per fp8 Linear call (qkv, 16 rows): {results['kernels_per_fp8_call']}")
+    if args.vision:
+        results["vision"] = vision_table(args.device)
     if args.tiles:
         print("tile shapes, us per call; tiles are (block_n, block_k, warps, stages)")
         results["tiles"] = tile_table(args.device)
