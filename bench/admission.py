@@ -28,6 +28,7 @@ from worker.engine.inputs import PreparedRequest
 from worker.engine.parts import MllamaParts
 from worker.engine.prefill import TextPrefill
 from worker.engine.slots import SlotCache
+from worker.engine.timing import median_cuda_ms
 from worker.engine.vision import VisionGraphs, VisionTower
 
 #: An aspect-ratio id of the processor's grids for each real tile count (1x1, 1x2, 1x3, 2x2).
@@ -39,25 +40,10 @@ def encode(encoder: ImageEncoder, jobs: list[ImageJob]) -> list[PhaseClock]:
     return [encoder.encode_chunk(chunk) for chunk in encoder.chunks(jobs)]
 
 
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of ``fn()`` after one untimed run."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def matmul_tflops(device: torch.device, n: int = 8192) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    ms = timed(lambda: a @ b, 10)
+    ms = median_cuda_ms(lambda: a @ b, 10)
     return 2 * n**3 / (ms / 1000) / 1e12
 
 
@@ -126,7 +112,7 @@ def vision_table(config, parts, reps: int, rate: float) -> list[dict]:
             }
             row = {"tiles": tiles, "batch": batch, "floor_ms": floor_ms}
             with torch.inference_mode():
-                row.update({key: timed(fn, reps) / batch for key, fn in runs.items()})
+                row.update({key: median_cuda_ms(fn, reps) / batch for key, fn in runs.items()})
             rows.append(row)
             print(
                 f"vision tiles={tiles} batch={batch}: floor {floor_ms:.1f} ms, HF "
@@ -139,9 +125,10 @@ def vision_table(config, parts, reps: int, rate: float) -> list[dict]:
 
 
 def profile_table(config, parts) -> dict:
-    """Kernels of one eager vision call by kind: 4 images of each of 1 and 4 real tiles, exact."""
+    """Kernels of one eager vision call by kind: 4 images of each of 1 and 4 real tiles, exact,
+    with the attention the tower chooses at start-up."""
     tower = VisionTower(parts.vision, skip_padding_tiles=False)
-    out = {}
+    out = {"attention": tower.choose_attention(parts.dtype, parts.device)}
     for tiles in (1, 4):
         values, ratios, _ = pixels(config, tiles, 4, parts.device)
         with torch.inference_mode():
@@ -158,11 +145,14 @@ def profile_table(config, parts) -> dict:
 
 def agreement_table(config, parts) -> list[dict]:
     """Relative error (Frobenius) of the projected states of the real tiles against HF's padded
-    encoder in fp32: HF bf16 (the bf16 tolerance), the worker's exact and skip towers in bf16."""
+    encoder in fp32: HF bf16 (the bf16 tolerance), the worker's exact and skip towers in bf16,
+    each with the attention it chooses at start-up (``kernel``: the shapes run by Triton)."""
     device = parts.device
     fp32_vision = build_fp32_copy(parts.vision)
     exact = VisionTower(parts.vision, skip_padding_tiles=False)
     skip = VisionTower(parts.vision, skip_padding_tiles=True)
+    for tower in (exact, skip):
+        tower.choose_attention(parts.dtype, device)
     projector = parts.projector
     rows = []
     with torch.inference_mode():
@@ -187,6 +177,10 @@ def agreement_table(config, parts) -> list[dict]:
                 "hf_bf16": error(hf_states(parts, values, ratios, mask)),
                 "exact_bf16": error(exact(values, ratios, tiles)),
                 "skip_bf16": error(skip(values, ratios, tiles)),
+                "kernel": {
+                    "exact": (exact.shape(tiles).length, real) in exact.kernel_shapes,
+                    "skip": (skip.shape(tiles).length, real) in skip.kernel_shapes,
+                },
             })  # fmt: skip
             print(f"agreement {rows[-1]}", flush=True)
     del fp32_vision
@@ -222,10 +216,10 @@ def sdpa_table(reps: int, device: torch.device) -> list[dict]:
             try:
                 call = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
                 if backend is None:
-                    row[name] = timed(call, reps)
+                    row[name] = median_cuda_ms(call, reps)
                 else:
                     with sdpa_kernel([backend]):
-                        row[name] = timed(call, reps)
+                        row[name] = median_cuda_ms(call, reps)
             except RuntimeError as exc:
                 row[name] = f"n/a ({str(exc)[:40]})"
         rows.append(row)
@@ -288,7 +282,7 @@ def admission_parts(config, parts, reps: int) -> dict:
             for count in (1, 8):
                 args = ([*range(count)], [[*range(10, 50)]] * count,
                         [torch.ones(40, 4, dtype=torch.bool)] * count, unseen[:count])  # fmt: skip
-                ms = timed(lambda p=prefill, a=args: p.run(*a), reps)
+                ms = median_cuda_ms(lambda p=prefill, a=args: p.run(*a), reps)
                 key = f"text_prefill_{count}x40_{'graph' if use_graphs else 'eager'}"
                 out[f"{key}_ms_per_request"] = ms / count
                 print(f"{key}: {ms / count:.2f} ms per request", flush=True)

@@ -215,6 +215,7 @@ def worker_target(model: Any, processor: Any, settings: WorkerSettings, label: s
         "max_seq_len": engine.max_seq_len,
         "memory_limit_gib": settings.gpu_memory_gib or None,
         "cache_bytes": engine.cache.nbytes,
+        "vision_attention": engine.images.graphs.attention_timings,
         "eos_token_ids": sorted(engine.eos_token_ids),
         "lm_head_rows": engine.parts.geometry.vocab_size,
     }

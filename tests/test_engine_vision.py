@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from worker.engine import ContinuousEngine
-from worker.engine.vision import VisionTower, batch_sizes, split_attention
+from worker.engine.vision import VisionTower, batch_sizes, kernel_wins, split_attention
 from worker.model.generation import GenerationRequest
 
 # Aspect-ratio ids of the processor's grids for 1..4 tiles (1x1, 1x2, 1x3, 2x2).
@@ -74,6 +74,45 @@ def test_tower_equals_hf_padded_encoder(loaded, tiles):
         got = tower(pixels, ratios, tiles)
     assert got.shape == want.shape
     assert relative_error(got, want) < 1e-5
+
+
+def test_tower_hands_the_fused_projection_to_the_attention_kernel(loaded):
+    """Where the tower keeps the Triton attention, it passes the fused q/k/v output as the
+    kernel reads it; a stand-in computing the kernel's function in torch stays HF's."""
+    model, _ = loaded
+    vision = model.model.vision_model
+    tower = VisionTower(vision, skip_padding_tiles=False)
+    calls = []
+
+    def stand_in(qkv: torch.Tensor, heads: int, real: int) -> torch.Tensor:
+        calls.append(real)
+        batch, length, _ = qkv.shape
+        q, k, v = (t.reshape(batch, length, heads, -1) for t in qkv.chunk(3, dim=-1))
+        return split_attention(q, k, v, real)
+
+    tower._kernel = stand_in
+    tower.kernel_shapes = frozenset((tower.shape(t).length, tower.shape(t).real) for t in (1, 4))
+    for tiles in (1, 2, 4):
+        pixels, ratios, mask = tiles_input(model.config, tiles)
+        calls.clear()
+        with torch.inference_mode():
+            want = hf_states(vision, pixels, ratios, mask)
+            got = tower(pixels, ratios, tiles)
+        assert relative_error(got, want) < 1e-5
+        assert len(calls) == (len(tower.layers) if tiles != 2 else 0)
+
+
+def test_kernel_wins_only_faster_and_in_agreement():
+    assert kernel_wins(sdpa_ms=10.0, kernel_ms=9.0, error=1e-3)
+    assert not kernel_wins(sdpa_ms=10.0, kernel_ms=9.9, error=1e-3)  # a tie keeps SDPA
+    assert not kernel_wins(sdpa_ms=10.0, kernel_ms=5.0, error=0.1)  # fast and wrong
+
+
+def test_no_attention_choice_off_cuda(loaded):
+    model, _ = loaded
+    tower = VisionTower(model.model.vision_model, skip_padding_tiles=False)
+    assert tower.choose_attention(torch.bfloat16, torch.device("cpu")) == []
+    assert tower.kernel_shapes == frozenset()
 
 
 @pytest.mark.parametrize("tiles", [1, 2, 3, 4])

@@ -11,6 +11,10 @@ is then two unmasked SDPA calls per layer: the first ``R`` queries over all keys
 the first ``R`` keys. Every per-token operation is order-independent, so this computes HF's
 function exactly (up to float summation order).
 
+On CUDA in bf16 or fp16 the tower may run that attention as one Triton kernel instead
+(``worker.engine.tile_attention``): at start-up it times both at each shape it runs and keeps
+the kernel where it agrees with SDPA and is faster (:func:`kernel_wins`).
+
 ``skip_padding_tiles`` encodes the real tiles only (their padding patches kept): a one-tile
 image then costs about a sixteenth of the attention and a quarter of the GEMMs of a four-tile
 one. It changes the function for images of fewer tiles than ``max_tiles``: their real tokens
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +35,22 @@ from torch import nn
 
 from worker.engine.fused import concat_linears
 from worker.engine.graphs import capture_graphs
+from worker.engine.timing import median_cuda_ms
 
 logger = logging.getLogger(__name__)
 
 #: Images per vision call; a group of one tile count runs in chunks of these sizes.
 VISION_BATCHES = (1, 2, 4)
+#: The Triton attention serves a shape only if it is this much faster than SDPA there (a
+#: tie keeps SDPA) and within KERNEL_TOLERANCE of it (max error / max |SDPA|).
+KERNEL_MARGIN = 0.97
+KERNEL_TOLERANCE = 2e-2
+
+
+def kernel_wins(sdpa_ms: float, kernel_ms: float, error: float) -> bool:
+    """Whether the tower runs the Triton attention at a shape where SDPA took ``sdpa_ms``,
+    the kernel ``kernel_ms``, and the kernel's output was ``error`` off SDPA's."""
+    return error <= KERNEL_TOLERANCE and kernel_ms <= KERNEL_MARGIN * sdpa_ms
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,9 @@ class VisionTower:
         self.layers = [*vision.transformer.layers, *vision.global_transformer.layers]
         self.local_layers = len(vision.transformer.layers)
         self.qkv = [self._qkv_weight(layer.self_attn) for layer in self.layers]
+        #: (length, real) token counts at which :meth:`choose_attention` kept the kernel.
+        self.kernel_shapes: frozenset[tuple[int, int]] = frozenset()
+        self._kernel: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
 
     @staticmethod
     def _qkv_weight(attn: nn.Module) -> torch.Tensor | None:
@@ -106,6 +125,62 @@ class VisionTower:
         if all(type(m) is nn.Linear and m.bias is None for m in linears):
             return concat_linears(*linears)
         return None
+
+    def choose_attention(self, dtype: torch.dtype, device: torch.device) -> list[dict]:
+        """Time SDPA and the Triton attention at each shape this tower runs (the largest
+        vision batch, random q/k/v) and keep the kernel where :func:`kernel_wins`; only on
+        CUDA in bf16 or fp16 with 80-channel heads and fused q/k/v. Returns the timings."""
+        dim = self.vision.hidden_size // self.heads
+        usable = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+                  and dim == 80 and all(w is not None for w in self.qkv))  # fmt: skip
+        if not usable:
+            return []
+        try:
+            from worker.engine.tile_attention import tile_attention
+        except ImportError as exc:  # no Triton
+            logger.info("vision attention: SDPA (%s)", exc)
+            return []
+        return self._keep_kernel_where_faster(tile_attention, dtype, device)
+
+    def _keep_kernel_where_faster(
+        self,
+        kernel: Callable[[torch.Tensor, int, int], torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> list[dict]:
+        dim = self.vision.hidden_size // self.heads
+        timings, kept = [], set()
+        batch, width = max(VISION_BATCHES), 3 * self.vision.hidden_size
+        generator = torch.Generator(device=device).manual_seed(0)
+        for tiles in range(1, self.max_tiles + 1):
+            shape = self.shape(tiles)
+            qkv = torch.randn(batch, shape.length, width, generator=generator, device=device,
+                              dtype=dtype)  # fmt: skip
+            q, k, v = (t.reshape(batch, shape.length, self.heads, dim) for t in qkv.chunk(3, -1))
+            entry = {"tiles": tiles, "length": shape.length, "real": shape.real}
+            try:
+                want = split_attention(q, k, v, shape.real)
+                got = kernel(qkv, self.heads, shape.real)
+                entry["error"] = float(
+                    (got.float() - want.float()).abs().max() / want.float().abs().max()
+                )
+                entry["sdpa_ms"] = median_cuda_ms(
+                    lambda q=q, k=k, v=v, r=shape.real: split_attention(q, k, v, r), 5
+                )
+                entry["kernel_ms"] = median_cuda_ms(
+                    lambda qkv=qkv, r=shape.real: kernel(qkv, self.heads, r), 5
+                )
+            except Exception as exc:  # a compile or launch failure: SDPA at this shape
+                entry["failed"] = f"{type(exc).__name__}: {exc}"
+            else:
+                if kernel_wins(entry["sdpa_ms"], entry["kernel_ms"], entry["error"]):
+                    kept.add((shape.length, shape.real))
+            timings.append(entry)
+        self.kernel_shapes = frozenset(kept)
+        self._kernel = kernel if kept else None
+        logger.info("vision attention, Triton kernel at %d of %d shapes: %s", len(kept),
+                    len(timings), timings)  # fmt: skip
+        return timings
 
     def shape(self, tiles: int) -> VisionShape:
         encoded = tiles if self.skip_padding_tiles else self.max_tiles
@@ -136,12 +211,16 @@ class VisionTower:
         batch, length, _ = x.shape
         h = layer.input_layernorm(x)
         qkv = self.qkv[index]
-        if qkv is not None:
-            q, k, v = F.linear(h, qkv).chunk(3, dim=-1)
+        if self._kernel is not None and (length, real) in self.kernel_shapes:
+            attended = self._kernel(F.linear(h, qkv), self.heads, real)
         else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q, k, v = (t.reshape(batch, length, self.heads, -1) for t in (q, k, v))
-        out = attn.o_proj(split_attention(q, k, v, real))
+            if qkv is not None:
+                q, k, v = F.linear(h, qkv).chunk(3, dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = (t.reshape(batch, length, self.heads, -1) for t in (q, k, v))
+            attended = split_attention(q, k, v, real)
+        out = attn.o_proj(attended)
         if layer.is_gated:
             out = layer.gate_attn.tanh() * out
         x = x + out
@@ -193,12 +272,15 @@ class VisionGraphs:
         self.tower = tower
         self.use_graphs = use_graphs
         self.capture_s = 0.0
+        self.attention_timings: list[dict] = []
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pixels: torch.Tensor | None = None
         self._ratios: torch.Tensor | None = None
 
     def capture(self, image_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Capture every bucket (all tile counts, every batch size), largest first."""
+        """Choose the tower's attention per shape (:meth:`VisionTower.choose_attention`), then
+        capture every bucket (all tile counts, every batch size), largest first."""
+        self.attention_timings = self.tower.choose_attention(dtype, device)
         if not self.use_graphs:
             return
         start = time.perf_counter()
