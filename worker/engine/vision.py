@@ -140,7 +140,9 @@ class VisionTower:
         except ImportError as exc:  # no Triton
             logger.info("vision attention: SDPA (%s)", exc)
             return []
-        return self._keep_kernel_where_faster(tile_attention, dtype, device)
+        timings = self._keep_kernel_where_faster(tile_attention, dtype, device)
+        torch.cuda.empty_cache()  # the probe's tensors: the graphs captured next use their own pool
+        return timings
 
     def _keep_kernel_where_faster(
         self,
