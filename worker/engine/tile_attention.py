@@ -74,7 +74,8 @@ def _attend(
     return acc_a, acc_b, row_max, row_sum
 
 
-@triton.jit
+# One compiled kernel for every shape: token counts are not specialised on (divisibility).
+@triton.jit(do_not_specialize=["length", "real"])
 def _tile_attention_kernel(
     qkv_ptr, o_ptr, length, real, stride_b, stride_s, stride_ob, stride_os, scale_log2,
     HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
