@@ -29,7 +29,6 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +46,7 @@ from worker.model.fp8 import (
     quantize_language_model,
     quantize_rows,
 )
-
-if TYPE_CHECKING:
-    from worker.model.fp8_kernel import Tiles
+from worker.model.fp8_tiles import Tiles, gemv_tiles, matmul_tiles
 
 #: (out, in) of the 11B's decode GEMMs.
 SHAPES = {
@@ -216,18 +213,16 @@ def kernel_call(x: torch.Tensor, linear: Fp8Linear, tiles: Tiles) -> Callable[[]
 def tile_table(device: str) -> list[dict]:
     """Every candidate tile shape of the GEMV (one row) and the GEMM (more rows, quantiser
     included) against the tiles the worker picks, per shape and row count; printed as it goes."""
-    from worker.model import fp8_kernel as kernel
-
     results = []
     for name, (out_f, in_f) in SHAPES.items():
         linears = weight_copies(device, out_f, in_f)
         fp8s = [Fp8Linear.from_linear(lin) for lin in linears]
         for rows in TILE_ROWS:
             x = torch.randn(rows, in_f, device=device).bfloat16()
-            picked = kernel.gemv_tiles(out_f) if rows == 1 else kernel.matmul_tiles(rows, out_f)
+            picked = gemv_tiles(out_f) if rows == 1 else matmul_tiles(rows, out_f)
             times = {}
             for candidate in GEMV_TILES if rows == 1 else MATMUL_TILES:
-                tiles = kernel.Tiles(*candidate)
+                tiles = Tiles(*candidate)
                 try:
                     times[tiles] = graph_us([kernel_call(x, f, tiles) for f in fp8s])
                 except Exception:  # a tile shape this card cannot hold (shared memory)

@@ -109,6 +109,20 @@ def test_kernels_match_their_references_at_every_row_count() -> None:
         assert torch.all((out - reference).abs() <= reference.abs() * 2**-8 + atol), rows
 
 
+def test_tiles_fit_the_weight_and_the_shared_memory() -> None:
+    from worker.model.fp8_tiles import MATMUL, MATMUL_WIDE, Tiles, fit, stages_that_fit
+
+    assert fit(MATMUL, 6144, 4096) == MATMUL
+    assert fit(MATMUL, 96, 256) == Tiles(32, 256, 4, 5)  # shrunk to divide 96 outputs
+    assert fit(MATMUL, 6144, 48) is None  # a 16-wide K block: below fp8 tensor cores' 32
+    hopper, ada = 232448, 101376  # bytes a block may use (Triton's limit)
+    # (256 x (64 + 64)) bytes a stage at 64 rows: Hopper holds MATMUL's 5, Ada 3.
+    assert stages_that_fit(MATMUL, 64, hopper) == 5
+    assert stages_that_fit(MATMUL, 64, ada) == 3
+    assert stages_that_fit(MATMUL, 16, ada) == 4  # 20 KiB a stage at 16 rows (counting all 5)
+    assert stages_that_fit(MATMUL_WIDE, 64, ada) == MATMUL_WIDE.stages
+
+
 def test_fp8_linear_keeps_leading_dims() -> None:
     fp8 = Fp8Linear.from_linear(linear(32, 64, seed=3))
     x = activations(6, 64, seed=4).view(2, 3, 64)

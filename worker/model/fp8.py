@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from producer.errors import ConfigurationError
+from worker.model.fp8_tiles import ALL_GEMV_TILES, ALL_MATMUL_TILES
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +97,11 @@ def matmul_kernels_serve(device: torch.device) -> bool:
 
         products = [
             (kernel.fp8_gemv(x[:1], weight, w_scale, tiles, FP8_MAX, _MIN_AMAX), reference[:1])
-            for tiles in kernel.ALL_GEMV_TILES
+            for tiles in ALL_GEMV_TILES
         ] + [
             (kernel.fp8_matmul(q[:rows], q_scale[:rows], weight, w_scale, tiles), reference[:rows])
-            for tiles in kernel.ALL_MATMUL_TILES
-            for rows in (5, 20, 64)  # each row tile (16, 32, 64): the larger need more memory
+            for tiles in ALL_MATMUL_TILES
+            for rows in (5, 20, 64)  # each row tile (16, 32, 64), at the stages that fit
         ]
         errors = [
             ((out.float() - ref).abs().max() / ref.abs().max()).item() for out, ref in products

@@ -12,46 +12,20 @@ a W8A8 tensor-core GEMM for a few rows.
   few rows pad it), both scales applied to the fp32 sums.
 At these row counts cuBLASLt's rowwise ``_scaled_mm`` took 0.74-1.44x bf16's time on an H200,
 these kernels 0.56-0.85x (BENCHMARKS.md, issue 12). The tile shapes are the best of a sweep on
-an H200 over the 11B's decode shapes (``python -m bench.fp8_check --tiles`` reruns it).
+an H200 over the 11B's decode shapes (``python -m bench.fp8_check --tiles`` reruns it); they
+and the rules that fit them to a weight and to a card's shared memory are in
+:mod:`worker.model.fp8_tiles`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-#: The most rows :func:`linear` serves; more (a prefill) go to cuBLASLt.
-MAX_ROWS = 64
-
-
-class Tiles(NamedTuple):
-    block_n: int
-    block_k: int
-    warps: int
-    stages: int
-
-
-GEMV_WIDE = Tiles(16, 256, 4, 3)  # 16,384 outputs or more (gate/up)
-GEMV_NARROW = Tiles(8, 1024, 4, 2)  # 4,096 or fewer (o, down)
-GEMV_MIDDLE = Tiles(16, 512, 8, 2)  # between (q/k/v)
-MATMUL_WIDE = Tiles(64, 128, 4, 3)  # 16,384 outputs or more at over 16 rows
-MATMUL = Tiles(64, 256, 4, 5)
-#: Every tile shape :func:`linear` may launch, for the start-up probe.
-ALL_GEMV_TILES = (GEMV_WIDE, GEMV_NARROW, GEMV_MIDDLE)
-ALL_MATMUL_TILES = (MATMUL_WIDE, MATMUL)
-
-
-def gemv_tiles(out_features: int) -> Tiles:
-    if out_features >= 16384:
-        return GEMV_WIDE
-    return GEMV_NARROW if out_features <= 4096 else GEMV_MIDDLE
-
-
-def matmul_tiles(rows: int, out_features: int) -> Tiles:
-    return MATMUL_WIDE if out_features >= 16384 and rows > 16 else MATMUL
+from worker.model.fp8_tiles import MAX_ROWS, Tiles, fit, gemv_tiles, matmul_tiles, stages_that_fit
 
 
 @triton.jit
@@ -134,14 +108,10 @@ def quantize_rows_kernel(
     return q, scale
 
 
-def _fit(tiles: Tiles, out_features: int, in_features: int) -> Tiles | None:
-    """``tiles`` shrunk to divide the weight (the kernels have no edge masks), or None where
-    that would leave blocks smaller than fp8 tensor cores take (16 x 32)."""
-    block_n = min(tiles.block_n, out_features & -out_features)
-    block_k = min(tiles.block_k, in_features & -in_features)
-    if block_n < min(16, tiles.block_n) or block_k < 32:
-        return None
-    return tiles._replace(block_n=block_n, block_k=block_k)
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    """Bytes of shared memory a block may use on this device (Triton's own limit)."""
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def fp8_gemv(
@@ -170,12 +140,13 @@ def fp8_matmul(
     rows, in_features = q.shape
     out_features = weight.shape[0]
     block_m = max(16, min(MAX_ROWS, triton.next_power_of_2(rows)))
+    stages = stages_that_fit(tiles, block_m, _max_shared_memory(q.device.index or 0))
     y = torch.empty(rows, out_features, dtype=torch.bfloat16, device=q.device)
     grid = (out_features // tiles.block_n, triton.cdiv(rows, block_m))
     _fp8_matmul_kernel[grid](
         q, q_scale, weight, scale, y, rows, in_features, q.stride(0), weight.stride(0),
         y.stride(0), BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        num_warps=tiles.warps, num_stages=tiles.stages,
+        num_warps=tiles.warps, num_stages=stages,
     )  # fmt: skip
     return y
 
@@ -191,9 +162,9 @@ def linear(
     rows = x.shape[0]
     out_features, in_features = weight.shape
     if rows == 1:
-        tiles = _fit(gemv_tiles(out_features), out_features, in_features)
+        tiles = fit(gemv_tiles(out_features), out_features, in_features)
         return None if tiles is None else fp8_gemv(x, weight, scale, tiles, fp8_max, min_amax)
-    tiles = _fit(matmul_tiles(rows, out_features), out_features, in_features)
+    tiles = fit(matmul_tiles(rows, out_features), out_features, in_features)
     if rows > MAX_ROWS or tiles is None:
         return None
     q, q_scale = quantize_rows_kernel(x, fp8, fp8_max, min_amax)
