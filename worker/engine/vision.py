@@ -103,9 +103,12 @@ class VisionTower:
     vision states [B, encoded * P, vision_output_dim] (the projector's input), for B images of
     ``tiles`` real tiles each. Runs the HF modules' own weights (q/k/v concatenated in place)."""
 
-    def __init__(self, vision: nn.Module, *, skip_padding_tiles: bool) -> None:
+    def __init__(
+        self, vision: nn.Module, *, skip_padding_tiles: bool, triton_attention: bool = True
+    ) -> None:
         self.vision = vision
         self.skip_padding_tiles = skip_padding_tiles
+        self.triton_attention = triton_attention
         config = vision.config
         self.max_tiles = config.max_num_tiles
         self.patches = (config.image_size // config.patch_size) ** 2 + 1
@@ -129,9 +132,11 @@ class VisionTower:
     def choose_attention(self, dtype: torch.dtype, device: torch.device) -> list[dict]:
         """Time SDPA and the Triton attention at each shape this tower runs (the largest
         vision batch, random q/k/v) and keep the kernel where :func:`kernel_wins`; only on
-        CUDA in bf16 or fp16 with 80-channel heads and fused q/k/v. Returns the timings."""
+        CUDA in bf16 or fp16 with 80-channel heads and fused q/k/v, and unless the tower was
+        built with ``triton_attention=False`` (SDPA only). Returns the timings."""
         dim = self.vision.hidden_size // self.heads
-        usable = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        usable = (self.triton_attention and device.type == "cuda"
+                  and dtype in (torch.bfloat16, torch.float16)
                   and dim == 80 and all(w is not None for w in self.qkv))  # fmt: skip
         if not usable:
             return []
