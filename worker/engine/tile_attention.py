@@ -53,13 +53,15 @@ def _attend(
         else:
             k_a = tl.load(k_ptr + cols + dim_a[:, None])
             k_b = tl.load(k_ptr + cols + dim_b[:, None])
-        scores = (tl.dot(q_a, k_a) + tl.dot(q_b, k_b)) * scale_log2
+        # Unscaled scores, the 16 channels accumulated onto the 64; the scale (log2 e / sqrt(80))
+        # goes into the exponent's multiply-add, and the running max is kept scaled.
+        scores = tl.dot(q_b, k_b, tl.dot(q_a, k_a))
         if MASKED:
             seen = in_n[None, :] & ((offs_m[:, None] < real) | (offs_n[None, :] < real))
             scores = tl.where(seen, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * scale_log2)
         rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
+        p = tl.exp2(scores * scale_log2 - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         p = p.to(k_ptr.dtype.element_ty)
         if MASKED:
@@ -68,8 +70,8 @@ def _attend(
         else:
             v_a = tl.load(v_ptr + rows_n + dim_a[None, :])
             v_b = tl.load(v_ptr + rows_n + dim_b[None, :])
-        acc_a = acc_a * rescale[:, None] + tl.dot(p, v_a)
-        acc_b = acc_b * rescale[:, None] + tl.dot(p, v_b)
+        acc_a = tl.dot(p, v_a, acc_a * rescale[:, None])
+        acc_b = tl.dot(p, v_b, acc_b * rescale[:, None])
         row_max = new_max
     return acc_a, acc_b, row_max, row_sum
 
