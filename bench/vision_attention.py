@@ -4,7 +4,7 @@
 
 The tower's attention is about half of a 4-tile image's vision time (BENCHMARKS.md, issue
 10). It runs either as two unmasked SDPA calls and a concatenation
-(``worker.engine.vision.split_attention``) or as one Triton kernel
+(``worker.engine.vision.fused_split_attention``) or as one Triton kernel
 (``worker.engine.tile_attention``), whichever the tower measured faster at start-up. For each
 vision shape the bench times SDPA and the kernel at every candidate tile shape (every shape
 run once before timing), checks that they agree, prints TFLOP/s over the real attention work,
@@ -24,7 +24,7 @@ import triton
 
 from worker.engine.tile_attention import HEAD_DIM, TILES, AttentionTiles, tile_attention
 from worker.engine.timing import median_cuda_ms
-from worker.engine.vision import kernel_wins, split_attention
+from worker.engine.vision import attention_error, fused_split_attention, kernel_wins
 
 #: Candidate tilings timed by the bench: those that Triton 3.9 compiles for sm_90 without
 #: spilling registers (128 x 64 at 4 warps and 128 x 128 at 8 spill).
@@ -38,13 +38,6 @@ CANDIDATE_TILES = (
 #: (label, tiles encoded, real tiles) of the tower's attention shapes (1601 patches a tile,
 #: padded to 1608): four tiles, one tile of four (padding tiles encoded), one tile alone.
 SHAPES = (("4 tiles", 4, 4), ("1 tile of 4, encoded", 4, 1), ("1 tile, padding skipped", 1, 1))
-
-
-def sdpa_attention(qkv: torch.Tensor, heads: int, real: int) -> torch.Tensor:
-    """The tower's SDPA path: the projection chunked into q, k, v, then ``split_attention``."""
-    batch, length, _ = qkv.shape
-    q, k, v = (t.reshape(batch, length, heads, HEAD_DIM) for t in qkv.chunk(3, dim=-1))
-    return split_attention(q, k, v, real)
 
 
 def attention_flops(length: int, real: int, heads: int) -> float:
@@ -61,15 +54,16 @@ def run(batch: int, reps: int, device: torch.device) -> list[dict]:
         qkv = torch.randn(batch, length, 3 * heads * HEAD_DIM, dtype=torch.bfloat16,
                           device=device)  # fmt: skip
         flops = attention_flops(length, real, heads) * batch
-        want = sdpa_attention(qkv, heads, real)
+        want = fused_split_attention(qkv, heads, real)
         row: dict = {"shape": label, "length": length, "real": real, "batch": batch}
-        ms = median_cuda_ms(lambda qkv=qkv, real=real: sdpa_attention(qkv, heads, real), reps)
+        ms = median_cuda_ms(
+            lambda qkv=qkv, real=real: fused_split_attention(qkv, heads, real), reps
+        )
         row["sdpa"] = {"ms": ms, "tflops": flops / ms / 1e9}
         for tiles in CANDIDATE_TILES:
             key = "triton {}x{} w{} s{}".format(*tiles)
             try:
-                got = tile_attention(qkv, heads, real, tiles)
-                error = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+                error = attention_error(tile_attention(qkv, heads, real, tiles), want)
                 ms = median_cuda_ms(
                     lambda qkv=qkv, real=real, t=tiles: tile_attention(qkv, heads, real, t), reps
                 )

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from worker.engine import ContinuousEngine
-from worker.engine.vision import VisionTower, batch_sizes, kernel_wins, split_attention
+from worker.engine.vision import (
+    VisionTower,
+    batch_sizes,
+    fused_split_attention,
+    kernel_wins,
+    split_attention,
+)
 from worker.model.generation import GenerationRequest
 
 # Aspect-ratio ids of the processor's grids for 1..4 tiles (1x1, 1x2, 1x3, 2x2).
@@ -86,12 +92,9 @@ def test_tower_hands_the_fused_projection_to_the_attention_kernel(loaded):
 
     def stand_in(qkv: torch.Tensor, heads: int, real: int) -> torch.Tensor:
         calls.append(real)
-        batch, length, _ = qkv.shape
-        q, k, v = (t.reshape(batch, length, heads, -1) for t in qkv.chunk(3, dim=-1))
-        return split_attention(q, k, v, real)
+        return fused_split_attention(qkv, heads, real)
 
-    tower._kernel = stand_in
-    tower.kernel_shapes = frozenset((tower.shape(t).length, tower.shape(t).real) for t in (1, 4))
+    tower._attention = {(tower.shape(t).length, tower.shape(t).real): stand_in for t in (1, 4)}
     for tiles in (1, 2, 4):
         pixels, ratios, mask = tiles_input(model.config, tiles)
         calls.clear()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_engine_continuous import DEVICE
 
-from worker.engine.vision import split_attention
+from worker.engine.vision import fused_split_attention
 
 ON_GPU = torch.device(DEVICE).type == "cuda"
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
@@ -34,8 +34,7 @@ TILES = CANDIDATE_TILES if ON_GPU else (AttentionTiles(32, 16, 1, 1), AttentionT
 def test_kernel_is_the_towers_attention(tiles, length, real):
     torch.manual_seed(0)
     qkv = torch.randn(2, length, 3 * 2 * 80, dtype=DTYPE, device=DEVICE)
-    q, k, v = (t.reshape(2, length, 2, 80) for t in qkv.float().chunk(3, dim=-1))
-    want = split_attention(q, k, v, real)
+    want = fused_split_attention(qkv.float(), 2, real)
     got = tile_attention(qkv, 2, real, tiles)
     assert got.shape == want.shape
     assert float((got.float() - want).abs().max()) < 2e-2

@@ -47,6 +47,10 @@ KERNEL_MARGIN = 0.97
 KERNEL_TOLERANCE = 2e-2
 
 
+#: An attention over the fused q/k/v projection's output: ``(qkv, heads, real) -> out``.
+Attention = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
 def kernel_wins(sdpa_ms: float, kernel_ms: float, error: float) -> bool:
     """Whether the tower runs the Triton attention at a shape where SDPA took ``sdpa_ms``,
     the kernel ``kernel_ms``, and the kernel's output was ``error`` off SDPA's."""
@@ -98,6 +102,19 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: int
     return out.reshape(batch, length, heads * dim)
 
 
+def fused_split_attention(qkv: torch.Tensor, heads: int, real: int) -> torch.Tensor:
+    """:func:`split_attention` of the fused q/k/v projection's output ``qkv``
+    [B, S, 3 * heads * D] (q, then k, then v): the tower's SDPA path, as an :data:`Attention`."""
+    batch, length, _ = qkv.shape
+    q, k, v = (t.reshape(batch, length, heads, -1) for t in qkv.chunk(3, dim=-1))
+    return split_attention(q, k, v, real)
+
+
+def attention_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """How far an attention's output is off SDPA's: max |got - want| / max |want|."""
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
 class VisionTower:
     """Callable ``(pixel_values [B, max_tiles, 3, H, W], aspect_ratio_ids [B], tiles)`` ->
     vision states [B, encoded * P, vision_output_dim] (the projector's input), for B images of
@@ -118,9 +135,8 @@ class VisionTower:
         self.layers = [*vision.transformer.layers, *vision.global_transformer.layers]
         self.local_layers = len(vision.transformer.layers)
         self.qkv = [self._qkv_weight(layer.self_attn) for layer in self.layers]
-        #: (length, real) token counts at which :meth:`choose_attention` kept the kernel.
-        self.kernel_shapes: frozenset[tuple[int, int]] = frozenset()
-        self._kernel: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None
+        # The kernel :meth:`choose_attention` kept, by (length, real) token counts.
+        self._attention: dict[tuple[int, int], Attention] = {}
 
     @staticmethod
     def _qkv_weight(attn: nn.Module) -> torch.Tensor | None:
@@ -128,6 +144,11 @@ class VisionTower:
         if all(type(m) is nn.Linear and m.bias is None for m in linears):
             return concat_linears(*linears)
         return None
+
+    @property
+    def kernel_shapes(self) -> frozenset[tuple[int, int]]:
+        """(length, real) token counts at which :meth:`choose_attention` kept the kernel."""
+        return frozenset(self._attention)
 
     def choose_attention(self, dtype: torch.dtype, device: torch.device) -> list[dict]:
         """Time SDPA and the Triton attention at each shape this tower runs (the largest
@@ -150,41 +171,32 @@ class VisionTower:
         return timings
 
     def _keep_kernel_where_faster(
-        self,
-        kernel: Callable[[torch.Tensor, int, int], torch.Tensor],
-        dtype: torch.dtype,
-        device: torch.device,
+        self, kernel: Attention, dtype: torch.dtype, device: torch.device
     ) -> list[dict]:
-        dim = self.vision.hidden_size // self.heads
-        timings, kept = [], set()
+        timings, kept = [], {}
         batch, width = max(VISION_BATCHES), 3 * self.vision.hidden_size
         generator = torch.Generator(device=device).manual_seed(0)
         for tiles in range(1, self.max_tiles + 1):
             shape = self.shape(tiles)
             qkv = torch.randn(batch, shape.length, width, generator=generator, device=device,
                               dtype=dtype)  # fmt: skip
-            q, k, v = (t.reshape(batch, shape.length, self.heads, dim) for t in qkv.chunk(3, -1))
             entry = {"tiles": tiles, "length": shape.length, "real": shape.real}
             try:
-                want = split_attention(q, k, v, shape.real)
-                got = kernel(qkv, self.heads, shape.real)
-                entry["error"] = float(
-                    (got.float() - want.float()).abs().max() / want.float().abs().max()
+                entry["error"] = attention_error(
+                    kernel(qkv, self.heads, shape.real),
+                    fused_split_attention(qkv, self.heads, shape.real),
                 )
-                entry["sdpa_ms"] = median_cuda_ms(
-                    lambda q=q, k=k, v=v, r=shape.real: split_attention(q, k, v, r), 5
-                )
-                entry["kernel_ms"] = median_cuda_ms(
-                    lambda qkv=qkv, r=shape.real: kernel(qkv, self.heads, r), 5
-                )
+                for key, attention in (("sdpa_ms", fused_split_attention), ("kernel_ms", kernel)):
+                    entry[key] = median_cuda_ms(
+                        lambda fn=attention, qkv=qkv, r=shape.real: fn(qkv, self.heads, r), 5
+                    )
             except Exception as exc:  # a compile or launch failure: SDPA at this shape
                 entry["failed"] = f"{type(exc).__name__}: {exc}"
             else:
                 if kernel_wins(entry["sdpa_ms"], entry["kernel_ms"], entry["error"]):
-                    kept.add((shape.length, shape.real))
+                    kept[(shape.length, shape.real)] = kernel
             timings.append(entry)
-        self.kernel_shapes = frozenset(kept)
-        self._kernel = kernel if kept else None
+        self._attention = kept
         logger.info("vision attention, Triton kernel at %d of %d shapes: %s", len(kept),
                     len(timings), timings)  # fmt: skip
         return timings
@@ -218,14 +230,12 @@ class VisionTower:
         batch, length, _ = x.shape
         h = layer.input_layernorm(x)
         qkv = self.qkv[index]
-        if self._kernel is not None and (length, real) in self.kernel_shapes:
-            attended = self._kernel(F.linear(h, qkv), self.heads, real)
-        else:
-            if qkv is not None:
-                q, k, v = F.linear(h, qkv).chunk(3, dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q, k, v = (t.reshape(batch, length, self.heads, -1) for t in (q, k, v))
+        if qkv is not None:
+            attention = self._attention.get((length, real), fused_split_attention)
+            attended = attention(F.linear(h, qkv), self.heads, real)
+        else:  # quantised q/k/v: their outputs apart
+            q, k, v = (m(h).reshape(batch, length, self.heads, -1)
+                       for m in (attn.q_proj, attn.k_proj, attn.v_proj))  # fmt: skip
             attended = split_attention(q, k, v, real)
         out = attn.o_proj(attended)
         if layer.is_gated:
