@@ -417,6 +417,15 @@ def write_json(results: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_table(out: Path, name: str, results: dict, markdown: str) -> None:
+    """A standalone bench's results as ``out/name.json`` and its table as ``out/name.md``,
+    the table printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / f"{name}.json")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
 def _f(value: Any, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

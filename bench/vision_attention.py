@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 import triton
 
+from bench.report import write_table
 from worker.engine.tile_attention import HEAD_DIM, TILES, AttentionTiles, tile_attention
 from worker.engine.timing import median_cuda_ms
 from worker.engine.vision import attention_error, fused_split_attention, kernel_wins
 
-#: Candidate tilings timed by the bench: those that Triton 3.9 compiles for sm_90 without
-#: spilling registers (128 x 64 at 4 warps and 128 x 128 at 8 spill).
+#: Candidate tilings timed by the bench: ones Triton 3.9 compiles for sm_90 without spilling
+#: registers (``python -m bench.compile_check``).
 CANDIDATE_TILES = (
     TILES,
     AttentionTiles(128, 64, 8, 3),
@@ -124,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": run(args.batch, args.reps, device),
     }
     name = args.name or f"vision-attention-{time.strftime('%Y-%m-%d')}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    text = to_markdown(results)
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    write_table(args.out, name, results, to_markdown(results))
     return 0
 
 

@@ -52,6 +52,7 @@ def stages_that_fit(tiles: Tiles, block_m: int, max_shared: int) -> int:
     """The GEMM's pipeline depth: ``tiles.stages``, or fewer where that many buffered weight and
     activation tiles (e4m3, one byte an element) would not fit ``max_shared`` bytes. Triton
     3.9 holds ``stages`` of them on Hopper (160 KiB for MATMUL at 64 rows) and ``stages - 1``
-    on Ada, whose 99 KiB a block the deepest tiles would otherwise overflow."""
+    on Ada, whose 99 KiB a block the deepest tiles would otherwise overflow
+    (``python -m bench.compile_check``)."""
     per_stage = tiles.block_k * (tiles.block_n + block_m)
     return max(1, min(tiles.stages, max_shared // per_stage))
